@@ -1,0 +1,20 @@
+"""ringattn reference implementation: a float64 oracle, blockwise attention, and ring attention.
+
+Read it in this order: ``naive`` (the oracle), ``masks`` and ``layouts`` (positions), ``tile`` (one tile
+and the merge), ``schedule`` (which tiles and which ring step), ``blockwise`` (the tile loop),
+``ring`` (the loop over ranks), ``comm`` (the transport), ``simulate`` (P ranks in one process).
+
+Layout conventions (``specs/conventions.md``): q (B, N, Hq, D), k and v (B, N, Hkv, D), lse (B, Hq, N).
+"""
+
+from .blockwise import blockwise_attention, blockwise_attention_backward
+from .naive import naive_attention, naive_attention_backward, naive_rows
+from .ring import ring_attention, ring_attention_backward
+from .simulate import RingResult, simulate_ring
+
+__all__ = [
+    "naive_attention", "naive_attention_backward", "naive_rows",
+    "blockwise_attention", "blockwise_attention_backward",
+    "ring_attention", "ring_attention_backward",
+    "simulate_ring", "RingResult",
+]

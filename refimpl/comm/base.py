@@ -1,0 +1,70 @@
+"""The communicator interface the ring is written against.
+
+It is the small subset of MPI that ring attention needs, with MPI's semantics:
+
+``isend(buf, dest, tag)`` / ``irecv(buf, source, tag)``
+    post a non-blocking send of a contiguous array, or a receive into a preallocated contiguous array;
+    both return a request. A message matches the receive with the same (source, dest, tag); messages
+    between one pair with one tag arrive in the order they were sent. The send buffer must not be
+    written, and the receive buffer not read, until the request has been waited on.
+``wait(req)`` / ``waitall(reqs)``
+    block until the request is complete.
+``send``, ``recv``, ``sendrecv``
+    the blocking forms, built from the above.
+``allreduce(value, op)``, ``allgather(value)``, ``barrier()``
+    collectives on small Python or NumPy values, used to agree on shapes and to gather statistics.
+
+Every implementation counts the bytes it sends (``bytes_sent``, ``messages_sent``).
+"""
+
+
+class CommError(RuntimeError):
+    """A communication failure: a mismatched message, a deadlock, or a peer that failed."""
+
+
+class DeadlockError(CommError):
+    """Every rank that has not finished is waiting for a message no one will send."""
+
+
+class RankAborted(CommError):
+    """This rank stopped because another rank failed."""
+
+
+_REDUCE = {"sum": sum, "max": max, "min": min}
+
+
+class Comm:
+    """Base class: subclasses provide rank, size, isend, irecv, wait and allgather."""
+
+    rank: int
+    size: int
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+    def _count(self, buf):
+        self.bytes_sent += buf.nbytes
+        self.messages_sent += 1
+
+    def waitall(self, requests):
+        for req in requests:
+            self.wait(req)
+
+    def send(self, buf, dest, tag):
+        self.wait(self.isend(buf, dest, tag))
+
+    def recv(self, buf, source, tag):
+        self.wait(self.irecv(buf, source, tag))
+
+    def sendrecv(self, sendbuf, dest, recvbuf, source, tag):
+        self.waitall([self.irecv(recvbuf, source, tag), self.isend(sendbuf, dest, tag)])
+
+    def allreduce(self, value, op="sum"):
+        if op not in _REDUCE:
+            raise ValueError(f"op must be one of {sorted(_REDUCE)}, got {op!r}")
+        values = self.allgather(value)
+        return _REDUCE[op](values[1:], start=values[0]) if op == "sum" else _REDUCE[op](values)
+
+    def barrier(self):
+        self.allgather(None)

@@ -1,0 +1,125 @@
+"""The float64 oracle: attention computed the obvious way, with the whole score matrix in memory.
+
+This is the only module allowed to build a score matrix. It is the ground truth that every other
+implementation (blockwise, ring, MPI, GPU, foreign backends) is tested against, so it is written for
+clarity, not speed, and always computes in float64 whatever the input dtype::
+
+    s   = scale * q k^T                       (B, Hq, Nq, Nk), -inf where the mask hides a key
+    lse = log sum_j exp(s_ij)                 (B, Hq, Nq)
+    p   = exp(s - lse)                        softmax over visible keys
+    out = p v                                 (B, Nq, Hq, D)
+
+A row with no visible key has out = 0, lse = -inf, and contributes no gradient.
+"""
+
+import numpy as np
+
+from . import validate
+
+
+def _heads(x, Hq):
+    """(B, N, Hkv, D) -> (B, Hq, N, D) float64; query head h reads kv head h // (Hq / Hkv)."""
+    group = Hq // x.shape[2]
+    return np.repeat(x.astype(np.float64).transpose(0, 2, 1, 3), group, axis=1)
+
+
+def _fold_heads(g, Hkv):
+    """(B, Hq, N, D) gradient of repeated kv heads -> (B, N, Hkv, D), summed over each group."""
+    B, Hq, N, D = g.shape
+    return g.reshape(B, Hkv, Hq // Hkv, N, D).sum(axis=2).transpose(0, 2, 1, 3)
+
+
+def _visible(q_pos, k_pos, causal, mask):
+    """(Nq, Nk) bool: True where query q_pos[i] may attend to key k_pos[j]."""
+    visible = np.ones((len(q_pos), len(k_pos)), dtype=bool) if mask is None else mask
+    if causal:
+        visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    return visible
+
+
+def _check_mask(mask, Nq, Nk):
+    if mask is None:
+        return None
+    if not isinstance(mask, np.ndarray) or mask.dtype != bool:
+        raise TypeError(f"mask must be a bool numpy.ndarray of shape ({Nq}, {Nk}), got {type(mask).__name__}"
+                        f"{'' if not isinstance(mask, np.ndarray) else ' of dtype ' + str(mask.dtype)}")
+    if mask.shape != (Nq, Nk):
+        raise ValueError(f"mask must have shape ({Nq}, {Nk}) (True = visible), got {mask.shape}")
+    return mask
+
+
+def _probabilities(q, k, visible, scale):
+    """q (B, Hq, Nq, D), k (B, Hq, Nk, D) float64 -> p (B, Hq, Nq, Nk), lse (B, Hq, Nq)."""
+    s = scale * (q @ k.transpose(0, 1, 3, 2))
+    s = np.where(visible, s, -np.inf)
+    m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), 0.0, m)          # fully hidden rows: exp(-inf - 0) = 0, no NaN
+    e = np.exp(s - m)
+    l = e.sum(axis=-1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = (m + np.log(l))[..., 0]
+        p = np.where(l > 0, e / l, 0.0)
+    return p, lse
+
+
+def _forward(q, k, v, q_pos, k_pos, causal, scale, mask):
+    Hq = q.shape[2]
+    qh, kh, vh = q.astype(np.float64).transpose(0, 2, 1, 3), _heads(k, Hq), _heads(v, Hq)
+    p, lse = _probabilities(qh, kh, _visible(q_pos, k_pos, causal, mask), scale)
+    return (p @ vh).transpose(0, 2, 1, 3), lse
+
+
+def naive_attention(q, k, v, *, causal=False, scale=None, mask=None):
+    """Exact attention in float64.
+
+    q (B, N, Hq, D), k and v (B, N, Hkv, D) -> out (B, N, Hq, D) float64, lse (B, Hq, N) float64.
+    ``mask`` is an optional (N, N) bool array, True where a query may see a key; it is combined with
+    ``causal``. Memory is O(B * Hq * N^2): use it for small N, or ``naive_rows`` for sampled rows.
+    """
+    _, N, _, _, D = validate.check_qkv(q, k, v)
+    scale = validate.check_scale(scale, D)
+    pos = np.arange(N)
+    return _forward(q, k, v, pos, pos, causal, scale, _check_mask(mask, N, N))
+
+
+def naive_rows(q, k, v, rows, *, causal=False, scale=None):
+    """Exact float64 attention for the query rows ``rows`` (int array of global positions) only.
+
+    Returns out (B, len(rows), Hq, D) and lse (B, Hq, len(rows)). Memory is O(B * Hq * len(rows) * N),
+    which is how the ring's output is checked at sequence lengths where the full oracle cannot run.
+    """
+    _, N, _, _, D = validate.check_qkv(q, k, v)
+    scale = validate.check_scale(scale, D)
+    rows = np.asarray(rows, dtype=np.int64)
+    if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= N)):
+        raise ValueError(f"rows must be a 1-d array of positions in [0, {N}), got {rows!r}")
+    return _forward(q[:, rows], k, v, rows, np.arange(N), causal, scale, None)
+
+
+def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None):
+    """Analytic gradients of ``naive_attention`` in float64.
+
+    Returns dq (B, N, Hq, D), dk and dv (B, N, Hkv, D), all float64::
+
+        dv   = p^T dout
+        dp   = dout v^T
+        ds   = p * (dp - rowsum(dout * out))
+        dq   = scale * ds k,    dk = scale * ds^T q
+
+    Gradients of the kv heads shared by a GQA group are summed over the group.
+    """
+    B, N, Hq, Hkv, D = validate.check_qkv(q, k, v)
+    validate.check_like("dout", dout, (B, N, Hq, D))
+    validate.check_finite("dout", dout)
+    scale = validate.check_scale(scale, D)
+    pos = np.arange(N)
+    qh, kh, vh = q.astype(np.float64).transpose(0, 2, 1, 3), _heads(k, Hq), _heads(v, Hq)
+    do = dout.astype(np.float64).transpose(0, 2, 1, 3)
+    p, _ = _probabilities(qh, kh, _visible(pos, pos, causal, _check_mask(mask, N, N)), scale)
+    out = p @ vh
+    dv = p.transpose(0, 1, 3, 2) @ do
+    dp = do @ vh.transpose(0, 1, 3, 2)
+    ds = p * (dp - np.sum(do * out, axis=-1, keepdims=True))
+    dq = scale * (ds @ kh)
+    dk = scale * (ds.transpose(0, 1, 3, 2) @ qh)
+    return dq.transpose(0, 2, 1, 3), _fold_heads(dk, Hkv), _fold_heads(dv, Hkv)

@@ -1,0 +1,195 @@
+"""Ring attention on one rank: the forward and backward loops over a communicator.
+
+Each rank holds one shard of q, k and v (its positions come from the layout). K/V shards travel around
+the ring; q, the output and the softmax statistics never move::
+
+    forward, rank r, step t = 0 .. P-1:
+        post  irecv(next K/V <- r-1), isend(current K/V -> r+1)        (not on the last step)
+        fold  attention(q_r, current K/V) into (o, lse)                 the tiles overlap the messages
+        wait  both, then the received buffer becomes the current one
+
+The next shard is posted *before* the current one is computed, so the transfer hides behind the tiles
+by construction. Two K/V buffers alternate: one is read by the tiles and the send, the other is written
+by the receive.
+
+The backward does the same walk with two more buffers: each K/V shard travels with the dK/dV accumulated
+for it so far. At step t a rank receives that accumulator from r-1 while it computes its own contribution
+into a scratch buffer, adds the two, and passes the sum on. After P steps every accumulator has visited
+every rank and arrives back at the rank that owns its K/V, complete.
+
+The message protocol (what travels, sizes, tags and order) is in ``specs/protocol.md``.
+"""
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import tile, validate
+from .blockwise import BLOCK_K, BLOCK_Q, attend_shard, attend_shard_backward, row_terms
+from .layouts import Contiguous
+from .masks import mask_for
+from .schedule import (BACKWARD_DKV, BACKWARD_KV, FORWARD_KV, StepRecord, kv_source, recv_from, send_to,
+                       tag)
+
+
+@dataclass
+class ShardForward:
+    out: np.ndarray          # (B, n, Hq, D), q's dtype
+    lse: np.ndarray          # (B, Hq, n), accumulation dtype
+    trace: list              # StepRecord per step
+    peak_bytes: int          # bytes of the arrays this rank held at once (inputs, buffers, one tile)
+
+
+@dataclass
+class ShardBackward:
+    dq: np.ndarray           # (B, n, Hq, D)
+    dk: np.ndarray           # (B, n, Hkv, D)
+    dv: np.ndarray           # (B, n, Hkv, D)
+    trace: list
+    peak_bytes: int
+
+
+class _Ring:
+    """What every rank agrees on before the first message: shapes, layout, mask, scale, block sizes."""
+
+    def __init__(self, comm, q, k, v, causal, scale, block_q, block_k, more=()):
+        def local():
+            B, n, Hq, Hkv, D = validate.check_qkv(q, k, v)
+            for name, x, shape in more:
+                validate.check_like(name, x, shape(B, n, Hq, Hkv, D))
+                validate.check_finite(name, x)
+            return (B, Hq, Hkv, D, q.dtype.str), n, validate.check_scale(scale, D), (
+                validate.check_block("block_q", block_q), validate.check_block("block_k", block_k))
+
+        everyone = validate.collective(comm, local)
+        shapes = [e[0] for e in everyone]
+        if len(set(shapes)) > 1:
+            raise ValueError("ranks disagree on (B, Hq, Hkv, D, dtype): "
+                             + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes)))
+        lengths = [e[1] for e in everyone]
+        self.P, self.rank = comm.size, comm.rank
+        self.layout = Contiguous(sum(lengths), self.P)
+        for r, n in enumerate(lengths):
+            if n != self.layout.length(r):
+                raise ValueError(f"rank {r} holds {n} tokens, but the contiguous layout of N={self.layout.N} "
+                                 f"over {self.P} ranks gives it {self.layout.length(r)}")
+        (self.B, self.Hq, self.Hkv, self.D, _), _, self.scale, (self.block_q, self.block_k) = everyone[self.rank]
+        self.mask = mask_for(causal)
+        self.acc = validate.accumulation_dtype(q.dtype)
+        self.q_pos = self.layout.positions(self.rank)
+        self.n_max = max(lengths)
+
+    def buffer(self, dtype):
+        """A flat buffer big enough for the largest (2, B, n, Hkv, D) K/V (or dK/dV) message."""
+        return np.empty(2 * self.B * self.n_max * self.Hkv * self.D, dtype)
+
+    def packed(self, flat, owner):
+        """View the front of a flat buffer as the (2, B, n, Hkv, D) message of ``owner``'s shard."""
+        n = self.layout.length(owner)
+        return flat[: 2 * self.B * n * self.Hkv * self.D].reshape(2, self.B, n, self.Hkv, self.D)
+
+
+def _nbytes(*arrays):
+    return sum(a.nbytes for a in arrays)
+
+
+def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K, on_tile=None):
+    """Forward ring attention on this rank.
+
+    q (B, n, Hq, D), k and v (B, n, Hkv, D): this rank's shard of the contiguous layout (rank r holds
+    tokens starting at the sum of the lower ranks' lengths). Every rank of ``comm`` must call this
+    together. Returns a ``ShardForward`` with out (B, n, Hq, D) and lse (B, Hq, n) for this shard.
+    """
+    ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k)
+    P, r = ring.P, ring.rank
+    o = np.zeros(q.shape, ring.acc)
+    lse = np.full((ring.B, ring.Hq, len(ring.q_pos)), -np.inf, ring.acc)
+    ws = tile.Workspace(ring.acc)
+    bufs = [ring.buffer(k.dtype), ring.buffer(k.dtype)]
+    current = ring.packed(bufs[0], r)
+    current[0], current[1] = k, v
+    trace = []
+    for step in range(P):
+        src = kv_source(r, step, P)
+        requests = []
+        if step + 1 < P:
+            following = ring.packed(bufs[(step + 1) % 2], kv_source(r, step + 1, P))
+            requests = [comm.irecv(following, recv_from(r, P), tag(FORWARD_KV, step)),
+                        comm.isend(current, send_to(r, P), tag(FORWARD_KV, step))]
+        t0 = time.perf_counter()
+        plan = attend_shard(o, lse, q, current[0], current[1], ring.q_pos, ring.layout.positions(src),
+                            ring.mask, ring.scale, ring.block_q, ring.block_k, ws, on_tile)
+        t1 = time.perf_counter()
+        comm.waitall(requests)
+        trace.append(StepRecord("forward", step, r, r, src, plan.computed, plan.skipped,
+                                current.nbytes if requests else 0, t1 - t0, time.perf_counter() - t1))
+        if requests:
+            current = following
+    out = o.astype(q.dtype, copy=False)
+    peak = _nbytes(q, k, v, o, lse, *bufs) + ws.nbytes + (0 if out is o else out.nbytes)
+    return ShardForward(out, lse, trace, peak)
+
+
+def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scale=None, block_q=BLOCK_Q,
+                            block_k=BLOCK_K, on_tile=None):
+    """Backward ring attention on this rank.
+
+    q, k, v as for ``ring_attention``; out (B, n, Hq, D) and lse (B, Hq, n) are what it returned on this
+    rank; dout (B, n, Hq, D). Returns a ``ShardBackward`` with dq, dk, dv for this rank's shard, in the
+    input dtype.
+    """
+    ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k, more=(
+        ("out", out, lambda B, n, Hq, Hkv, D: (B, n, Hq, D)),
+        ("dout", dout, lambda B, n, Hq, Hkv, D: (B, n, Hq, D)),
+        ("lse", lse, lambda B, n, Hq, Hkv, D: (B, Hq, n))))
+    P, r, acc = ring.P, ring.rank, ring.acc
+    delta, lse_safe = row_terms(out, dout, lse.astype(acc, copy=False), ring.block_q)
+    dq = np.zeros(q.shape, acc)
+    ws = tile.Workspace(acc)
+    kv_bufs = [ring.buffer(k.dtype), ring.buffer(k.dtype)]
+    grad_bufs = [ring.buffer(acc), ring.buffer(acc)]      # the travelling dK/dV accumulators
+    scratch = ring.buffer(acc)                             # this rank's contribution at one step
+    current = ring.packed(kv_bufs[0], r)
+    current[0], current[1] = k, v
+    grad_send = None
+    trace = []
+    for step in range(P):
+        src = kv_source(r, step, P)
+        requests = []
+        if step + 1 < P:
+            following = ring.packed(kv_bufs[(step + 1) % 2], kv_source(r, step + 1, P))
+            requests = [comm.irecv(following, recv_from(r, P), tag(BACKWARD_KV, step)),
+                        comm.isend(current, send_to(r, P), tag(BACKWARD_KV, step))]
+        grad = ring.packed(grad_bufs[step % 2], src)
+        if step == 0:
+            grad[...] = 0
+            local = grad
+        else:
+            grad_recv = comm.irecv(grad, recv_from(r, P), tag(BACKWARD_DKV, step - 1))
+            local = ring.packed(scratch, src)
+            local[...] = 0
+        t0 = time.perf_counter()
+        plan = attend_shard_backward(dq, local[0], local[1], q, current[0], current[1], dout, lse_safe, delta,
+                                     ring.q_pos, ring.layout.positions(src), ring.mask, ring.scale,
+                                     ring.block_q, ring.block_k, ws, on_tile)
+        t1 = time.perf_counter()
+        if step > 0:
+            comm.wait(grad_recv)
+            grad += local
+        if grad_send is not None:
+            comm.wait(grad_send)          # frees the other accumulator buffer for the next receive
+        grad_send = comm.isend(grad, send_to(r, P), tag(BACKWARD_DKV, step))
+        comm.waitall(requests)
+        trace.append(StepRecord("backward", step, r, r, src, plan.computed, plan.skipped,
+                                grad.nbytes + (current.nbytes if requests else 0), t1 - t0,
+                                time.perf_counter() - t1))
+        if requests:
+            current = following
+    mine = ring.packed(grad_bufs[P % 2], r)
+    comm.wait(comm.irecv(mine, recv_from(r, P), tag(BACKWARD_DKV, P - 1)))
+    comm.wait(grad_send)
+    dk, dv = mine[0].astype(k.dtype), mine[1].astype(v.dtype)
+    peak = (_nbytes(q, k, v, out, lse, dout, delta, lse_safe, dq, scratch, *kv_bufs, *grad_bufs)
+            + ws.nbytes + _nbytes(dk, dv))
+    return ShardBackward(dq.astype(q.dtype, copy=False), dk, dv, trace, peak)

@@ -1,0 +1,84 @@
+"""``simulate_ring``: P ranks of ring attention in one process, on full-sequence arrays.
+
+It shards the inputs with the contiguous layout, runs ``ring_attention`` (and, given ``dout``,
+``ring_attention_backward``) on P threads over the in-process communicator, and puts the shards back in
+natural token order. The per-rank functions are exactly the ones ``mpiexec`` runs, so the simulation and
+an MPI run of the same P produce bitwise-identical results.
+"""
+
+import threading
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from . import validate
+from .blockwise import BLOCK_K, BLOCK_Q
+from .comm.sim import SimWorld
+from .layouts import Contiguous
+from .ring import ring_attention, ring_attention_backward
+
+
+@dataclass
+class RingResult:
+    out: np.ndarray                       # (B, N, Hq, D), q's dtype, natural order
+    lse: np.ndarray                       # (B, Hq, N), accumulation dtype
+    trace: list                           # StepRecord for every (phase, step, rank)
+    peak_bytes: list                      # per rank, the bytes of the arrays it held at once
+    bytes_sent: list                      # per rank, bytes of all messages it sent
+    dq: Optional[np.ndarray] = None       # given dout: (B, N, Hq, D)
+    dk: Optional[np.ndarray] = None       # (B, N, Hkv, D)
+    dv: Optional[np.ndarray] = None
+
+
+class _TileCounter:
+    """Thread-safe tile counter for progress reporting across the simulated ranks."""
+
+    def __init__(self, callback):
+        self.callback, self.done, self.lock = callback, 0, threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.done += 1
+            self.callback(self.done)
+
+
+def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_q=BLOCK_Q, block_k=BLOCK_K,
+                  timeout=600.0, progress=None):
+    """Ring attention over ``ranks`` simulated ranks.
+
+    q (B, N, Hq, D), k and v (B, N, Hkv, D); dout (B, N, Hq, D) optional. Returns a ``RingResult``.
+    ``progress``, if given, is called with the running count of tiles computed over all ranks.
+    ``timeout`` bounds any single wait on a message (deadlocks are reported at once regardless).
+    """
+    B, N, Hq, Hkv, D = validate.check_qkv(q, k, v)
+    P = validate.check_ranks(ranks, N)
+    if dout is not None:
+        validate.check_like("dout", dout, (B, N, Hq, D))
+        if dout.dtype != q.dtype:
+            raise TypeError(f"dout must have q's dtype {q.dtype}, got {dout.dtype}")
+    layout = Contiguous(N, P)
+    on_tile = _TileCounter(progress) if progress is not None else None
+    options = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, on_tile=on_tile)
+
+    def rank_main(comm):
+        shard = [layout.shard(x, comm.rank) for x in (q, k, v)]
+        forward = ring_attention(*shard, comm, **options)
+        backward = None
+        if dout is not None:
+            backward = ring_attention_backward(*shard, forward.out, forward.lse, layout.shard(dout, comm.rank),
+                                               comm, **options)
+        return forward, backward, comm.bytes_sent
+
+    results = SimWorld(P, timeout).run(rank_main)
+    forwards = [f for f, _, _ in results]
+    result = RingResult(
+        out=layout.unshard([f.out for f in forwards]),
+        lse=layout.unshard([f.lse for f in forwards], axis=2),
+        trace=[rec for f, b, _ in results for rec in f.trace + (b.trace if b else [])],
+        peak_bytes=[max(f.peak_bytes, b.peak_bytes if b else 0) for f, b, _ in results],
+        bytes_sent=[sent for _, _, sent in results])
+    if dout is not None:
+        result.dq, result.dk, result.dv = (layout.unshard([getattr(b, g) for _, b, _ in results])
+                                           for g in ("dq", "dk", "dv"))
+    return result

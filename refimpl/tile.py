@@ -1,0 +1,145 @@
+"""The tile: attention of one block of queries against one block of keys, and the merge of partials.
+
+Everything in this project that computes attention reduces to these three functions:
+
+``attend_tile``           one (q tile, k tile) pair -> a partial (o, lse) over just those keys
+``merge``                 fold a partial into a running (o, lse); stable, associative, commutative
+``attend_tile_backward``  the flash-attention-2 backward of one tile, recomputing p from the final lse
+
+A partial (o, lse) over a key set S is the exact attention restricted to S: o = sum_{j in S} p_j v_j with
+p normalised over S, and lse = log sum_{j in S} exp(s_j). Two partials over disjoint key sets merge to
+the partial over their union::
+
+    lse = log(exp(lse_a) + exp(lse_b))                      (logaddexp: no overflow)
+    o   = exp(lse_a - lse) o_a + exp(lse_b - lse) o_b
+
+so the order in which tiles and ring steps arrive only changes rounding, never the result. An empty key
+set is the partial (o = 0, lse = -inf), the identity of ``merge``.
+
+Working form. Tiles use a head-grouped layout so that one batched matmul serves GQA without copying
+k or v: query head h = g + G * c reads kv head c, where G = Hq / Hkv::
+
+    q, dout tiles   (B, Hkv, G, bq, D)   accumulation dtype, contiguous; q is pre-multiplied by scale
+    k, v tiles      (B, Hkv, 1, bk, D)   views of the (B, N, Hkv, D) shard
+    o               (B, Hkv, G, bq, D)
+    lse             (B, Hkv, G, bq)
+
+At most one (B, Hkv, G, bq, bk) block of scores per buffer is alive; it lives in a reused ``Workspace``.
+"""
+
+import numpy as np
+
+from .masks import PARTIAL
+
+
+class Workspace:
+    """Reusable score buffers, one flat allocation per name, grown to the largest tile seen."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self._flat = {}
+
+    def get(self, name, shape):
+        need = int(np.prod(shape))
+        buf = self._flat.get(name)
+        if buf is None or buf.size < need:
+            buf = self._flat[name] = np.empty(need, self.dtype)
+        return buf[:need].reshape(shape)
+
+    @property
+    def nbytes(self):
+        return sum(b.nbytes for b in self._flat.values())
+
+
+def grouped(x, Hkv):
+    """View a (B, n, Hq, D) block in working form (B, Hkv, G, n, D), without copying."""
+    B, n, Hq, D = x.shape
+    return x.reshape(B, n, Hkv, Hq // Hkv, D).transpose(0, 2, 3, 1, 4)
+
+
+def grouped_rows(lse, Hkv):
+    """View a (B, Hq, n) block of lse in working form (B, Hkv, G, n), without copying."""
+    B, Hq, n = lse.shape
+    return lse.reshape(B, Hkv, Hq // Hkv, n)
+
+
+def q_tile(x, Hkv, dtype, scale=1.0):
+    """A contiguous working-form copy of a (B, bq, Hq, D) block: (B, Hkv, G, bq, D), times ``scale``."""
+    view = grouped(x, Hkv)
+    t = np.empty(view.shape, dtype)
+    np.multiply(view, scale, out=t)
+    return t
+
+
+def kv_tile(x, dtype):
+    """A (B, bk, Hkv, D) block as (B, Hkv, 1, bk, D), cast to the accumulation dtype (a view if it is one)."""
+    return x.transpose(0, 2, 1, 3)[:, :, None].astype(dtype, copy=False)
+
+
+def _scores(q, k, q_pos, k_pos, mask, kind, ws, name="s"):
+    """s = q k^T for a working-form tile, with hidden pairs set to -inf on partial tiles."""
+    B, Hkv, G, bq, _ = q.shape
+    s = ws.get(name, (B, Hkv, G, bq, k.shape[3]))
+    np.matmul(q, k.swapaxes(-1, -2), out=s)
+    if kind == PARTIAL:
+        np.copyto(s, -np.inf, where=~mask.visible(q_pos, k_pos))
+    return s
+
+
+def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
+    """Partial attention of a q tile over a k/v tile.
+
+    q (B, Hkv, G, bq, D) pre-scaled; k, v (B, Hkv, 1, bk, D); q_pos (bq,), k_pos (bk,) global positions;
+    ``kind`` is the tile's class from ``mask.classify`` (empty tiles are never passed in).
+    Returns o (B, Hkv, G, bq, D) and lse (B, Hkv, G, bq) in the accumulation dtype. A row that sees no
+    key of this tile gets o = 0, lse = -inf.
+    """
+    s = _scores(q, k, q_pos, k_pos, mask, kind, ws)
+    m = s.max(axis=-1)
+    if kind == PARTIAL:
+        m[np.isneginf(m)] = 0.0                 # a row hidden from the whole tile: exp(-inf - 0) = 0
+    np.subtract(s, m[..., None], out=s)
+    np.exp(s, out=s)                            # s now holds p * l, unnormalised probabilities
+    l = s.sum(axis=-1)
+    o = np.matmul(s, v)
+    with np.errstate(divide="ignore"):
+        lse = m + np.log(l)                     # l = 0 -> lse = -inf
+    np.divide(o, l[..., None], out=o, where=l[..., None] > 0)
+    return o, lse
+
+
+def merge(o_acc, lse_acc, o, lse):
+    """Fold the partial (o, lse) into (o_acc, lse_acc), in place. Shapes (..., n, D) and (..., n)."""
+    new = np.logaddexp(lse_acc, lse)
+    safe = np.where(np.isneginf(new), 0.0, new)   # both empty: weights exp(-inf) = 0, not NaN
+    o_acc *= np.exp(lse_acc - safe)[..., None]
+    o_acc += np.exp(lse - safe)[..., None] * o
+    lse_acc[...] = new
+    return o_acc, lse_acc
+
+
+def attend_tile_backward(q, k, v, dout, lse, delta, q_pos, k_pos, mask, kind, ws):
+    """Gradient contributions of one tile, recomputing p = exp(s - lse) from the *final* lse.
+
+    q (B, Hkv, G, bq, D) pre-scaled; dout (B, Hkv, G, bq, D); k, v (B, Hkv, 1, bk, D);
+    lse, delta (B, Hkv, G, bq), with delta = rowsum(dout * out) and lse = 0 on rows that see no key.
+    Returns dq (B, Hkv, G, bq, D) *without* the factor ``scale`` (the caller applies it once per row
+    block), and dk, dv (B, Hkv, bk, D) summed over the G query heads of each kv head::
+
+        p  = exp(s - lse)       dv = p^T dout       dp = dout v^T
+        ds = p * (dp - delta)   dq = ds k           dk = ds^T (scale q)
+    """
+    B, Hkv, G, bq, D = q.shape
+    bk = k.shape[3]
+    p = _scores(q, k, q_pos, k_pos, mask, kind, ws, "p")
+    np.subtract(p, lse[..., None], out=p)
+    np.exp(p, out=p)
+    p_rows = p.reshape(B, Hkv, G * bq, bk)              # the G heads of one kv head stacked as rows
+    dv = np.matmul(p_rows.swapaxes(-1, -2), dout.reshape(B, Hkv, G * bq, D))
+    ds = ws.get("ds", p.shape)
+    np.matmul(dout, v.swapaxes(-1, -2), out=ds)
+    np.subtract(ds, delta[..., None], out=ds)
+    np.multiply(ds, p, out=ds)
+    dq = np.matmul(ds, k)
+    dk = np.matmul(ds.reshape(B, Hkv, G * bq, bk).swapaxes(-1, -2), q.reshape(B, Hkv, G * bq, D))
+    return dq, dk, dv

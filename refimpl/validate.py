@@ -1,0 +1,130 @@
+"""Argument checks shared by every entry point.
+
+Every public function validates its inputs here, so that bad input fails the same way everywhere: a
+``ValueError`` or ``TypeError`` whose message names the argument and says what was expected. Nothing is
+silently broadcast, truncated or cast.
+
+Shapes (see ``specs/conventions.md``)::
+
+    q           (B, N, Hq,  D)
+    k, v        (B, N, Hkv, D)      Hq % Hkv == 0
+    out, dout   (B, N, Hq,  D)
+    lse         (B, Hq, N)
+
+Non-finite input (NaN or +-inf in q, k, v, out or dout) is rejected with a ``ValueError`` that names the
+argument and the first bad index: an oracle must never turn garbage in into plausible numbers out.
+"""
+
+import math
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def accumulation_dtype(dtype):
+    """float64 inputs accumulate in float64; float16 and float32 accumulate in float32."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
+def check_array(name, x, ndim):
+    if not isinstance(x, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a float16, float32 or float64 dtype, got {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
+
+
+def check_finite(name, x):
+    """Reject NaN and +-inf. One float64 reduction finds them; the exact scan runs only if it trips."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = np.sum(x, dtype=np.float64)
+    if math.isfinite(total):
+        return
+    bad = np.argwhere(~np.isfinite(x))
+    if len(bad):
+        raise ValueError(f"{name} contains non-finite values (first at index {tuple(int(i) for i in bad[0])}); "
+                         "NaN and inf inputs are rejected, see specs/conventions.md")
+
+
+def check_qkv(q, k, v):
+    """Validate q (B, N, Hq, D), k and v (B, Nk, Hkv, D). Returns (B, N, Hq, Hkv, D)."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_array(name, x, 4)
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape (B, N, Hkv, D), got {k.shape} and {v.shape}")
+    B, N, Hq, D = q.shape
+    if k.shape[0] != B:
+        raise ValueError(f"k has batch size {k.shape[0]} but q has {B}")
+    if k.shape[1] != N:
+        raise ValueError(f"k has sequence length {k.shape[1]} but q has {N}")
+    if k.shape[3] != D:
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {D}")
+    Hkv = k.shape[2]
+    if min(B, N, Hq, Hkv, D) < 1:
+        raise ValueError(f"q, k and v must have non-empty dimensions, got q {q.shape} and k {k.shape}")
+    if Hq % Hkv:
+        raise ValueError(f"q has {Hq} heads, which is not a multiple of the {Hkv} heads of k and v (Hq % Hkv must be 0)")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        check_finite(name, x)
+    return B, N, Hq, Hkv, D
+
+
+def check_like(name, x, shape, dtype=None):
+    """Validate an array that must match a known shape (out, dout, lse, or a received shard)."""
+    check_array(name, x, len(shape))
+    if x.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype)}, got {x.dtype}")
+
+
+def check_scale(scale, D):
+    """Default 1/sqrt(D); otherwise a finite real number."""
+    if scale is None:
+        return 1.0 / math.sqrt(D)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__}")
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
+def check_block(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive number of tokens, got {value}")
+    return int(value)
+
+
+def check_ranks(ranks, N):
+    if isinstance(ranks, bool) or not isinstance(ranks, (int, np.integer)):
+        raise TypeError(f"ranks must be an int, got {type(ranks).__name__}")
+    if ranks < 1:
+        raise ValueError(f"ranks must be at least 1, got {ranks}")
+    if ranks > N:
+        raise ValueError(f"ranks={ranks} exceeds the sequence length N={N}: every rank needs at least one token")
+    return int(ranks)
+
+
+def collective(comm, check):
+    """Run ``check()`` on every rank and agree on the outcome.
+
+    If any rank's check raises ValueError or TypeError, every rank raises the same exception type with
+    the first failing rank's message, so no rank is left waiting for a peer that gave up. Otherwise
+    returns the list of every rank's result, in rank order.
+    """
+    try:
+        outcome = (check(), None)
+    except (ValueError, TypeError) as exc:
+        outcome = (None, (type(exc).__name__, str(exc)))
+    everyone = comm.allgather(outcome)
+    for rank, (_, error) in enumerate(everyone):
+        if error is not None:
+            kind = ValueError if error[0] == "ValueError" else TypeError
+            raise kind(error[1] if comm.size == 1 else f"rank {rank}: {error[1]}")
+    return [result for result, _ in everyone]

@@ -166,7 +166,7 @@ def run_rank(comm, args, on_tile=None):
         bytes_sent=[s["sent"] for s in stats],
         **({"peak_rss_bytes": [s["rss"] for s in stats]} if args.transport == "mpi" else {}),
         overlap=_overlap([rec for s in stats for rec in s["trace"]]),
-        trace=[vars(rec) for s in stats for rec in s["trace"]])
+        trace=[{k: v for k, v in vars(rec).items() if k != "skipped_tiles"} for s in stats for rec in s["trace"]])
 
 
 def _peak_rss():
@@ -201,10 +201,10 @@ def _bytes(n):
         n /= 1024
 
 
-def report(summary, out=sys.stdout):
-    """The human-readable report of a run (rank 0)."""
+def report(summary, out=None):
+    """The human-readable report of a run (rank 0), on ``out`` (default: standard output)."""
     s, c = summary, summary["check"]
-    w = out.write
+    w = (out or sys.stdout).write
     w(f"ring attention: {s['transport']} ranks={s['ranks']}  N={s['seq']} B={s['batch']} Hq={s['heads']} "
       f"Hkv={s['kv_heads']} D={s['dim']} {s['dtype']} {'causal' if s['causal'] else 'full'}  "
       f"tiles {s['block_q']}x{s['block_k']}\n\n")

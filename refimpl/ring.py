@@ -122,7 +122,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
                             ring.mask, ring.scale, ring.block_q, ring.block_k, ws, on_tile)
         t1 = time.perf_counter()
         comm.waitall(requests)
-        trace.append(StepRecord("forward", step, r, r, src, plan.computed, plan.skipped,
+        trace.append(StepRecord("forward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
                                 current.nbytes if requests else 0, t1 - t0, time.perf_counter() - t1))
         if requests:
             current = following
@@ -181,7 +181,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
             comm.wait(grad_send)          # frees the other accumulator buffer for the next receive
         grad_send = comm.isend(grad, send_to(r, P), tag(BACKWARD_DKV, step))
         comm.waitall(requests)
-        trace.append(StepRecord("backward", step, r, r, src, plan.computed, plan.skipped,
+        trace.append(StepRecord("backward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
                                 grad.nbytes + (current.nbytes if requests else 0), t1 - t0,
                                 time.perf_counter() - t1))
         if requests:

@@ -47,12 +47,12 @@ class StepPlan:
     """The tiles one rank runs in one step: for each q row block, its non-empty kv column blocks."""
     rows: list                      # [(q slice, [(k slice, kind), ...]), ...]
     computed: int
-    skipped: int
+    skipped: list                   # [(q block index, k block index), ...] of the tiles left out
 
 
 def plan_tiles(q_pos, k_pos, mask, block_q, block_k):
     """Cut q_pos (nq,) x k_pos (nk,) into tiles and classify each; empty tiles are skipped, not run."""
-    rows, computed, skipped = [], 0, 0
+    rows, computed, skipped = [], 0, []
     for i0 in range(0, len(q_pos), block_q):
         qs = slice(i0, min(i0 + block_q, len(q_pos)))
         cols = []
@@ -60,7 +60,7 @@ def plan_tiles(q_pos, k_pos, mask, block_q, block_k):
             ks = slice(j0, min(j0 + block_k, len(k_pos)))
             kind = mask.classify(q_pos[qs], k_pos[ks])
             if kind == EMPTY:
-                skipped += 1
+                skipped.append((i0 // block_q, j0 // block_k))
             else:
                 cols.append((ks, kind))
         computed += len(cols)
@@ -79,6 +79,7 @@ class StepRecord:
     kv_shard: int                   # whose K/V shard was attended to
     tiles: int                      # tiles computed
     skipped: int                    # tiles skipped as fully masked
+    skipped_tiles: list             # their (q block index, k block index), block_q x block_k tokens each
     bytes_sent: int                 # bytes this rank posted to its successor during the step
     compute_s: float = 0.0          # seconds spent in tiles
     wait_s: float = 0.0             # seconds spent waiting for messages after the tiles were done

@@ -9,6 +9,10 @@ Accumulators, in the accumulation dtype (float32 for float16/float32 inputs, flo
 
     forward:   o (B, nq, Hq, D), lse (B, Hq, nq)          start at o = 0, lse = -inf
     backward:  dq (B, nq, Hq, D), dk, dv (B, nk, Hkv, D)  start at 0
+
+except the running lse, which is always float64 (see ``tile.merge``): the merge weights are
+exp(lse_a - lse), and a float32 lse of magnitude |lse| would make each weight wrong by |lse| ulps. It is
+rounded to the accumulation dtype once, when returned.
 """
 
 import numpy as np
@@ -91,28 +95,25 @@ def blockwise_attention(q, k, v, *, causal=False, scale=None, block_q=BLOCK_Q, b
     scale = validate.check_scale(scale, D)
     block_q, block_k = validate.check_block("block_q", block_q), validate.check_block("block_k", block_k)
     acc = validate.accumulation_dtype(q.dtype)
-    o, lse = np.zeros((B, N, Hq, D), acc), np.full((B, Hq, N), -np.inf, acc)
+    o, lse = np.zeros((B, N, Hq, D), acc), np.full((B, Hq, N), -np.inf, np.float64)
     pos = np.arange(N)
     attend_shard(o, lse, q, k, v, pos, pos, mask_for(causal), scale, block_q, block_k, tile.Workspace(acc))
-    return o.astype(q.dtype, copy=False), lse
+    return o.astype(q.dtype, copy=False), lse.astype(acc, copy=False)
 
 
 def blockwise_attention_backward(q, k, v, out, lse, dout, *, causal=False, scale=None,
                                  block_q=BLOCK_Q, block_k=BLOCK_K):
     """Gradients by the flash-attention-2 recomputation, tile by tile.
 
-    out and lse are what ``blockwise_attention`` returned; dout is (B, N, Hq, D). Returns dq, dk, dv in
-    the input dtype, shaped like q, k and v.
+    out and lse are what ``blockwise_attention`` returned (out in q's dtype, lse in the accumulation
+    dtype); dout is (B, N, Hq, D) in q's dtype. Returns dq, dk, dv in the input dtype, shaped like q, k, v.
     """
     B, N, Hq, Hkv, D = validate.check_qkv(q, k, v)
     scale = validate.check_scale(scale, D)
     block_q, block_k = validate.check_block("block_q", block_q), validate.check_block("block_k", block_k)
     acc = validate.accumulation_dtype(q.dtype)
-    validate.check_like("out", out, (B, N, Hq, D))
-    validate.check_like("dout", dout, (B, N, Hq, D))
-    validate.check_like("lse", lse, (B, Hq, N))
-    validate.check_finite("dout", dout)
-    delta, lse_safe = row_terms(out, dout, lse.astype(acc, copy=False), block_q)
+    validate.check_backward(out, dout, lse, q, (B, N, Hq, D))
+    delta, lse_safe = row_terms(out, dout, lse, block_q)
     dq, dk, dv = np.zeros((B, N, Hq, D), acc), np.zeros((B, N, Hkv, D), acc), np.zeros((B, N, Hkv, D), acc)
     pos = np.arange(N)
     attend_shard_backward(dq, dk, dv, q, k, v, dout, lse_safe, delta, pos, pos, mask_for(causal), scale,

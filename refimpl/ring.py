@@ -3,7 +3,7 @@
 Each rank holds one shard of q, k and v (its positions come from the layout). K/V shards travel around
 the ring; q, the output and the softmax statistics never move::
 
-    forward, rank r, step t = 0 .. P-1:
+    forward, rank r, step t = 0 .. P-1 (at t = 0 the current K/V is the rank's own):
         post  irecv(next K/V <- r-1), isend(current K/V -> r+1)        (not on the last step)
         fold  attention(q_r, current K/V) into (o, lse)                 the tiles overlap the messages
         wait  both, then the received buffer becomes the current one
@@ -15,7 +15,8 @@ by the receive.
 The backward does the same walk with two more buffers: each K/V shard travels with the dK/dV accumulated
 for it so far. At step t a rank receives that accumulator from r-1 while it computes its own contribution
 into a scratch buffer, adds the two, and passes the sum on. After P steps every accumulator has visited
-every rank and arrives back at the rank that owns its K/V, complete.
+every rank and arrives back at the rank that owns its K/V, complete. (At step 0 there is nothing to
+receive: the rank computes its contribution to its own shard straight into the accumulator.)
 
 The message protocol (what travels, sizes, tags and order) is in ``specs/protocol.md``.
 """
@@ -51,22 +52,26 @@ class ShardBackward:
 
 
 class _Ring:
-    """What every rank agrees on before the first message: shapes, layout, mask, scale, block sizes."""
+    """What every rank agrees on before the first message: shapes, dtype, mask, scale, block sizes, layout.
 
-    def __init__(self, comm, q, k, v, causal, scale, block_q, block_k, more=()):
+    Each rank validates its own arguments; the outcomes and settings are gathered, so every rank raises
+    the same error when any rank's input is bad, and no rank starts a ring its peers will not join.
+    """
+
+    def __init__(self, comm, q, k, v, causal, scale, block_q, block_k, backward=None):
         def local():
             B, n, Hq, Hkv, D = validate.check_qkv(q, k, v)
-            for name, x, shape in more:
-                validate.check_like(name, x, shape(B, n, Hq, Hkv, D))
-                validate.check_finite(name, x)
-            return (B, Hq, Hkv, D, q.dtype.str), n, validate.check_scale(scale, D), (
-                validate.check_block("block_q", block_q), validate.check_block("block_k", block_k))
+            if backward is not None:
+                validate.check_backward(*backward, q, (B, n, Hq, D))
+            settings = (B, Hq, Hkv, D, q.dtype.str, bool(causal), validate.check_scale(scale, D),
+                        validate.check_block("block_q", block_q), validate.check_block("block_k", block_k))
+            return settings, n
 
         everyone = validate.collective(comm, local)
-        shapes = [e[0] for e in everyone]
-        if len(set(shapes)) > 1:
-            raise ValueError("ranks disagree on (B, Hq, Hkv, D, dtype): "
-                             + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes)))
+        settings = [e[0] for e in everyone]
+        if len(set(settings)) > 1:
+            raise ValueError("ranks disagree on (B, Hq, Hkv, D, dtype, causal, scale, block_q, block_k): "
+                             + ", ".join(f"rank {r}: {s}" for r, s in enumerate(settings)))
         lengths = [e[1] for e in everyone]
         self.P, self.rank = comm.size, comm.rank
         self.layout = Contiguous(sum(lengths), self.P)
@@ -74,7 +79,7 @@ class _Ring:
             if n != self.layout.length(r):
                 raise ValueError(f"rank {r} holds {n} tokens, but the contiguous layout of N={self.layout.N} "
                                  f"over {self.P} ranks gives it {self.layout.length(r)}")
-        (self.B, self.Hq, self.Hkv, self.D, _), _, self.scale, (self.block_q, self.block_k) = everyone[self.rank]
+        self.B, self.Hq, self.Hkv, self.D, _, causal, self.scale, self.block_q, self.block_k = settings[0]
         self.mask = mask_for(causal)
         self.acc = validate.accumulation_dtype(q.dtype)
         self.q_pos = self.layout.positions(self.rank)
@@ -104,7 +109,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
     ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k)
     P, r = ring.P, ring.rank
     o = np.zeros(q.shape, ring.acc)
-    lse = np.full((ring.B, ring.Hq, len(ring.q_pos)), -np.inf, ring.acc)
+    lse = np.full((ring.B, ring.Hq, len(ring.q_pos)), -np.inf, np.float64)   # float64: see tile.merge
     ws = tile.Workspace(ring.acc)
     bufs = [ring.buffer(k.dtype), ring.buffer(k.dtype)]
     current = ring.packed(bufs[0], r)
@@ -126,9 +131,10 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
                                 current.nbytes if requests else 0, t1 - t0, time.perf_counter() - t1))
         if requests:
             current = following
-    out = o.astype(q.dtype, copy=False)
-    peak = _nbytes(q, k, v, o, lse, *bufs) + ws.nbytes + (0 if out is o else out.nbytes)
-    return ShardForward(out, lse, trace, peak)
+    out, lse_out = o.astype(q.dtype, copy=False), lse.astype(ring.acc, copy=False)
+    peak = (_nbytes(q, k, v, o, lse, *bufs) + ws.nbytes + (0 if out is o else out.nbytes)
+            + (0 if lse_out is lse else lse_out.nbytes))
+    return ShardForward(out, lse_out, trace, peak)
 
 
 def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scale=None, block_q=BLOCK_Q,
@@ -136,15 +142,12 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
     """Backward ring attention on this rank.
 
     q, k, v as for ``ring_attention``; out (B, n, Hq, D) and lse (B, Hq, n) are what it returned on this
-    rank; dout (B, n, Hq, D). Returns a ``ShardBackward`` with dq, dk, dv for this rank's shard, in the
+    rank (out in q's dtype, lse in the accumulation dtype); dout (B, n, Hq, D) in q's dtype. Returns a ``ShardBackward`` with dq, dk, dv for this rank's shard, in the
     input dtype.
     """
-    ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k, more=(
-        ("out", out, lambda B, n, Hq, Hkv, D: (B, n, Hq, D)),
-        ("dout", dout, lambda B, n, Hq, Hkv, D: (B, n, Hq, D)),
-        ("lse", lse, lambda B, n, Hq, Hkv, D: (B, Hq, n))))
+    ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k, backward=(out, dout, lse))
     P, r, acc = ring.P, ring.rank, ring.acc
-    delta, lse_safe = row_terms(out, dout, lse.astype(acc, copy=False), ring.block_q)
+    delta, lse_safe = row_terms(out, dout, lse, ring.block_q)
     dq = np.zeros(q.shape, acc)
     ws = tile.Workspace(acc)
     kv_bufs = [ring.buffer(k.dtype), ring.buffer(k.dtype)]
@@ -190,6 +193,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
     comm.wait(comm.irecv(mine, recv_from(r, P), tag(BACKWARD_DKV, P - 1)))
     comm.wait(grad_send)
     dk, dv = mine[0].astype(k.dtype), mine[1].astype(v.dtype)
+    dq_out = dq.astype(q.dtype, copy=False)
     peak = (_nbytes(q, k, v, out, lse, dout, delta, lse_safe, dq, scratch, *kv_bufs, *grad_bufs)
-            + ws.nbytes + _nbytes(dk, dv))
-    return ShardBackward(dq.astype(q.dtype, copy=False), dk, dv, trace, peak)
+            + ws.nbytes + _nbytes(dk, dv) + (0 if dq_out is dq else dq_out.nbytes))
+    return ShardBackward(dq_out, dk, dv, trace, peak)

@@ -20,9 +20,9 @@ Working form. Tiles use a head-grouped layout so that one batched matmul serves 
 k or v: query head h = g + G * c reads kv head c, where G = Hq / Hkv::
 
     q, dout tiles   (B, Hkv, G, bq, D)   accumulation dtype, contiguous; q is pre-multiplied by scale
-    k, v tiles      (B, Hkv, 1, bk, D)   views of the (B, N, Hkv, D) shard
+    k, v tiles      (B, Hkv, 1, bk, D)   views of the (B, N, Hkv, D) shard (float32 copies for float16)
     o               (B, Hkv, G, bq, D)
-    lse             (B, Hkv, G, bq)
+    lse             (B, Hkv, G, bq)      float64 in the forward, whatever the inputs (see ``merge``)
 
 At most one (B, Hkv, G, bq, bk) block of scores per buffer is alive; it lives in a reused ``Workspace``.
 """
@@ -67,7 +67,7 @@ def q_tile(x, Hkv, dtype, scale=1.0):
     """A contiguous working-form copy of a (B, bq, Hq, D) block: (B, Hkv, G, bq, D), times ``scale``."""
     view = grouped(x, Hkv)
     t = np.empty(view.shape, dtype)
-    np.multiply(view, scale, out=t)
+    np.multiply(view, scale, out=t, dtype=dtype)      # in the accumulation dtype, never in float16
     return t
 
 
@@ -91,8 +91,8 @@ def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
 
     q (B, Hkv, G, bq, D) pre-scaled; k, v (B, Hkv, 1, bk, D); q_pos (bq,), k_pos (bk,) global positions;
     ``kind`` is the tile's class from ``mask.classify`` (empty tiles are never passed in).
-    Returns o (B, Hkv, G, bq, D) and lse (B, Hkv, G, bq) in the accumulation dtype. A row that sees no
-    key of this tile gets o = 0, lse = -inf.
+    Returns o (B, Hkv, G, bq, D) in the accumulation dtype and lse (B, Hkv, G, bq) in float64. A row
+    that sees no key of this tile gets o = 0, lse = -inf.
     """
     s = _scores(q, k, q_pos, k_pos, mask, kind, ws)
     m = s.max(axis=-1)
@@ -103,17 +103,23 @@ def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
     l = s.sum(axis=-1)
     o = np.matmul(s, v)
     with np.errstate(divide="ignore"):
-        lse = m + np.log(l)                     # l = 0 -> lse = -inf
+        lse = m.astype(np.float64) + np.log(l.astype(np.float64))      # l = 0 -> lse = -inf
     np.divide(o, l[..., None], out=o, where=l[..., None] > 0)
     return o, lse
 
 
 def merge(o_acc, lse_acc, o, lse):
-    """Fold the partial (o, lse) into (o_acc, lse_acc), in place. Shapes (..., n, D) and (..., n)."""
+    """Fold the partial (o, lse) into (o_acc, lse_acc), in place. Shapes (..., n, D) and (..., n).
+
+    lse and lse_acc should be float64. The weights exp(lse_a - lse) depend on a difference of two
+    numbers of size |lse|; in float32 each weight would carry an error of about |lse| ulps, several
+    times the error of plain float32 attention. In float64 the weights are exact to float32 precision,
+    and o (float32 for float16/float32 inputs) takes one rounding per merge.
+    """
     new = np.logaddexp(lse_acc, lse)
     safe = np.where(np.isneginf(new), 0.0, new)   # both empty: weights exp(-inf) = 0, not NaN
-    o_acc *= np.exp(lse_acc - safe)[..., None]
-    o_acc += np.exp(lse - safe)[..., None] * o
+    o_acc *= np.exp(lse_acc - safe).astype(o_acc.dtype)[..., None]
+    o_acc += np.exp(lse - safe).astype(o_acc.dtype)[..., None] * o
     lse_acc[...] = new
     return o_acc, lse_acc
 

@@ -48,8 +48,17 @@ def check_finite(name, x):
                          "NaN and inf inputs are rejected, see specs/conventions.md")
 
 
+def check_lse(name, lse, shape, dtype):
+    """lse may hold -inf (rows that see no key) but never NaN or +inf, and must be in ``dtype``."""
+    check_like(name, lse, shape, dtype)
+    bad = np.argwhere(np.isnan(lse) | np.isposinf(lse))
+    if len(bad):
+        raise ValueError(f"{name} contains NaN or +inf (first at index {tuple(int(i) for i in bad[0])}); "
+                         "only -inf, for rows that see no key, is allowed")
+
+
 def check_qkv(q, k, v):
-    """Validate q (B, N, Hq, D), k and v (B, Nk, Hkv, D). Returns (B, N, Hq, Hkv, D)."""
+    """Validate q (B, N, Hq, D), k and v (B, N, Hkv, D). Returns (B, N, Hq, Hkv, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_array(name, x, 4)
     if not (q.dtype == k.dtype == v.dtype):
@@ -71,6 +80,15 @@ def check_qkv(q, k, v):
     for name, x in (("q", q), ("k", k), ("v", v)):
         check_finite(name, x)
     return B, N, Hq, Hkv, D
+
+
+def check_backward(out, dout, lse, q, Hq_shape):
+    """The extra inputs of a backward: out and dout like q (its dtype, finite), lse in the accumulation dtype."""
+    B, n, Hq, D = Hq_shape
+    for name, x in (("out", out), ("dout", dout)):
+        check_like(name, x, (B, n, Hq, D), q.dtype)
+        check_finite(name, x)
+    check_lse("lse", lse, (B, Hq, n), accumulation_dtype(q.dtype))
 
 
 def check_like(name, x, shape, dtype=None):
@@ -121,10 +139,10 @@ def collective(comm, check):
     try:
         outcome = (check(), None)
     except (ValueError, TypeError) as exc:
-        outcome = (None, (type(exc).__name__, str(exc)))
+        outcome = (None, (type(exc), str(exc)))
     everyone = comm.allgather(outcome)
     for rank, (_, error) in enumerate(everyone):
         if error is not None:
-            kind = ValueError if error[0] == "ValueError" else TypeError
-            raise kind(error[1] if comm.size == 1 else f"rank {rank}: {error[1]}")
+            kind, message = error
+            raise kind(message if comm.size == 1 else f"rank {rank}: {message}")
     return [result for result, _ in everyone]

@@ -18,6 +18,11 @@ Every implementation counts the bytes it sends (``bytes_sent``, ``messages_sent`
 """
 
 
+import functools
+
+import numpy as np
+
+
 class CommError(RuntimeError):
     """A communication failure: a mismatched message, a deadlock, or a peer that failed."""
 
@@ -30,7 +35,7 @@ class RankAborted(CommError):
     """This rank stopped because another rank failed."""
 
 
-_REDUCE = {"sum": sum, "max": max, "min": min}
+_REDUCE = {"sum": np.add, "max": np.maximum, "min": np.minimum}    # elementwise on arrays, as in MPI
 
 
 class Comm:
@@ -63,8 +68,7 @@ class Comm:
     def allreduce(self, value, op="sum"):
         if op not in _REDUCE:
             raise ValueError(f"op must be one of {sorted(_REDUCE)}, got {op!r}")
-        values = self.allgather(value)
-        return _REDUCE[op](values[1:], start=values[0]) if op == "sum" else _REDUCE[op](values)
+        return functools.reduce(_REDUCE[op], self.allgather(value))
 
     def barrier(self):
         self.allgather(None)

@@ -150,7 +150,7 @@ class SimWorld:
             except BaseException as exc:            # noqa: BLE001 - reported to the caller below
                 errors[rank] = exc
                 with self._cv:
-                    if self._failure is None and not isinstance(exc, CommError):
+                    if self._failure is None and not isinstance(exc, (RankAborted, DeadlockError)):
                         self._failure = (rank, exc)
                     self._cv.notify_all()
             finally:

@@ -249,21 +249,23 @@ def _launched_size():
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    mpi_size = _launched_size()
-    args.transport = "mpi" if mpi_size > 1 else "simulated"
+    mpi_size = _launched_size()          # 1: not an MPI job of several ranks; 0: launched, size unknown
+    args.transport = "simulated" if mpi_size == 1 else "mpi"
     args.kv_heads = args.kv_heads or args.heads
     if args.heads % args.kv_heads:
         parser().error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
-    P = mpi_size if mpi_size > 1 else args.ranks
+    comm = None
+    if args.transport == "mpi":
+        from .comm.mpi import MPIComm, install_abort_hook
+        comm = MPIComm()
+        install_abort_hook(comm)
+    P = comm.size if comm is not None else args.ranks
     if P > args.seq:
         parser().error(f"{P} ranks exceed --seq {args.seq}: every rank needs at least one token")
     args.layout = Contiguous(args.seq, P)
     mask = mask_for(args.causal)
 
-    if args.transport == "mpi":
-        from .comm.mpi import MPIComm, install_abort_hook
-        comm = MPIComm()
-        install_abort_hook(comm)
+    if comm is not None:
         show = comm.rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty())
         progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, [comm.rank])
                             * (2 if args.backward else 1), show)

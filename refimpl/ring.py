@@ -95,6 +95,15 @@ class _Ring:
         return flat[: 2 * self.B * n * self.Hkv * self.D].reshape(2, self.B, n, self.Hkv, self.D)
 
 
+def _between_tiles(comm, on_tile):
+    """Called after every tile: lets the transport move the in-flight K/V along, then reports progress."""
+    def tick():
+        comm.progress()
+        if on_tile is not None:
+            on_tile()
+    return tick
+
+
 def _nbytes(*arrays):
     return sum(a.nbytes for a in arrays)
 
@@ -108,6 +117,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
     """
     ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k)
     P, r = ring.P, ring.rank
+    tick = _between_tiles(comm, on_tile)
     o = np.zeros(q.shape, ring.acc)
     lse = np.full((ring.B, ring.Hq, len(ring.q_pos)), -np.inf, np.float64)   # float64: see tile.merge
     ws = tile.Workspace(ring.acc)
@@ -124,7 +134,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
                         comm.isend(current, send_to(r, P), tag(FORWARD_KV, step))]
         t0 = time.perf_counter()
         plan = attend_shard(o, lse, q, current[0], current[1], ring.q_pos, ring.layout.positions(src),
-                            ring.mask, ring.scale, ring.block_q, ring.block_k, ws, on_tile)
+                            ring.mask, ring.scale, ring.block_q, ring.block_k, ws, tick)
         t1 = time.perf_counter()
         comm.waitall(requests)
         trace.append(StepRecord("forward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
@@ -147,6 +157,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
     """
     ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k, backward=(out, dout, lse))
     P, r, acc = ring.P, ring.rank, ring.acc
+    tick = _between_tiles(comm, on_tile)
     delta, lse_safe = row_terms(out, dout, lse, ring.block_q)
     dq = np.zeros(q.shape, acc)
     ws = tile.Workspace(acc)
@@ -175,7 +186,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
         t0 = time.perf_counter()
         plan = attend_shard_backward(dq, local[0], local[1], q, current[0], current[1], dout, lse_safe, delta,
                                      ring.q_pos, ring.layout.positions(src), ring.mask, ring.scale,
-                                     ring.block_q, ring.block_k, ws, on_tile)
+                                     ring.block_q, ring.block_k, ws, tick)
         t1 = time.perf_counter()
         if step > 0:
             comm.wait(grad_recv)

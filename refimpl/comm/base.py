@@ -13,6 +13,9 @@ It is the small subset of MPI that ring attention needs, with MPI's semantics:
     the blocking forms, built from the above.
 ``allreduce(value, op)``, ``allgather(value)``, ``barrier()``
     collectives on small Python or NumPy values, used to agree on shapes and to gather statistics.
+``progress()``
+    give the transport a chance to move posted messages along; the ring calls it between tiles. A
+    no-op where transfers progress by themselves (the simulator); one ``MPI_Iprobe`` under MPI.
 
 Every implementation counts the bytes it sends (``bytes_sent``, ``messages_sent``).
 """
@@ -51,6 +54,9 @@ class Comm:
     def _count(self, buf):
         self.bytes_sent += buf.nbytes
         self.messages_sent += 1
+
+    def progress(self):
+        """Let posted messages advance while this rank computes. Nothing to do by default."""
 
     def waitall(self, requests):
         for req in requests:

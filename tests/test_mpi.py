@@ -1,0 +1,330 @@
+"""The MPI transport: real ``mpiexec -n P`` jobs, P = 1..4, oversubscribed on a small machine.
+
+Each job is a subprocess of the venv's own ``mpiexec`` running the venv's python with ``-m mpi4py`` (an
+uncaught exception on any rank aborts the whole job), with one BLAS thread, a timeout, and its process
+group killed if the timeout expires (``mpi_helpers.mpirun``). The scripts the jobs run are in
+``tests/mpi_scripts``.
+
+What is checked:
+* ``MPIComm``: a double-buffered ring shift of every dtype, byte counts, collectives, buffer checks, and a
+  message whose size differs from the receive buffer (``comm_check.py``);
+* ring attention forward and backward under MPI against the float64 oracle, and *bitwise* against
+  ``simulate_ring`` with the same P, inputs and block sizes, for out, lse, dq, dk, dv (``ring_check.py``);
+* failures end the job quickly, non-zero, with the failing rank's message: an exception on one rank
+  (under ``python -m mpi4py`` and under plain python with ``install_abort_hook``), and bad input that is
+  rejected collectively (NaN, a mismatched shard length or dtype, P > N) (``fail_check.py``);
+* ``launched_world_size`` on the environments of the common launchers, without MPI, and the error when the
+  launcher and mpi4py's MPI library disagree on the world size;
+* the command line under ``mpiexec`` (``python -m mpi4py -m refimpl run`` and the ``ringattn`` script):
+  checked, bitwise equal to its own simulated run, and failing cleanly on P > N and mismatched shard files.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import assert_fp64_close, make_dout, make_qkv, rel_err
+from mpi_helpers import BIN, missing, mpirun, script
+
+import refimpl
+from refimpl.schedule import describe_tag
+
+RANKS = (1, 2, 3, 4)
+BIN_RINGATTN = BIN / "ringattn"
+FAIL_SECONDS = 20.0
+
+needs_mpi = pytest.mark.skipif(missing() is not None, reason=str(missing()))
+
+
+# -- launch detection (no MPI needed) -----------------------------------------------------------------
+
+LAUNCH_ENVIRONMENTS = [
+    ({}, 1),
+    ({"PMI_SIZE": "4", "PMI_RANK": "2", "MPI_LOCALNRANKS": "4"}, 4),                  # MPICH / Intel Hydra
+    ({"OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_RANK": "0", "PMIX_RANK": "0"}, 3),  # Open MPI 5
+    ({"OMPI_COMM_WORLD_SIZE": "2", "SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, 2),      # mpiexec in sbatch
+    ({"PMIX_RANK": "1", "SLURM_STEP_NUM_TASKS": "6", "SLURM_STEP_ID": "0"}, 6),       # srun --mpi=pmix
+    ({"PMIX_RANK": "0"}, 0),                                                          # bare PMIx: unknown
+    ({"SLURM_STEP_NUM_TASKS": "5", "SLURM_PROCID": "3", "SLURM_STEP_ID": "1"}, 5),    # srun
+    ({"SLURM_NTASKS": "7", "SLURM_PROCID": "2", "SLURM_STEP_ID": "0"}, 7),            # srun, old Slurm
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_JOB_ID": "12"}, 1),             # sbatch script
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0", "SLURM_STEP_ID": "4294967294"}, 1),    # batch step
+    ({"MPI_LOCALNRANKS": "2"}, 2),                                                    # Hydra, node-local
+]
+
+
+@pytest.mark.parametrize("environ, size", LAUNCH_ENVIRONMENTS)
+def test_launched_world_size(environ, size):
+    mpi = pytest.importorskip("refimpl.comm.mpi", reason="mpi4py is not installed")
+    assert mpi.launched_world_size(environ) == size
+
+
+def test_launch_detection_does_not_initialize_mpi():
+    code = ("import sys; from refimpl.comm.mpi import launched_world_size; n = launched_world_size(); "
+            "assert 'mpi4py.MPI' not in sys.modules, 'mpi4py.MPI was imported'; print(n)")
+    pytest.importorskip("mpi4py")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI_", "SLURM_"))}
+    env.pop("MPI_LOCALNRANKS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+
+
+@needs_mpi
+def test_wrong_launcher_is_reported():
+    """A launcher of another MPI (here: Open MPI's variables, MPICH's library) starts singletons: say so."""
+    code = "from refimpl.comm.mpi import MPIComm; MPIComm()"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI", "OMPI_", "SLURM_"))}
+    env.update(OMPI_COMM_WORLD_SIZE="3", OMPI_COMM_WORLD_RANK="1")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode != 0
+    assert "started 3 processes, but MPI_COMM_WORLD has 1 rank(s)" in done.stderr, done.stderr
+
+
+# -- the communicator ---------------------------------------------------------------------------------
+
+@needs_mpi
+@pytest.mark.parametrize("P", RANKS)
+def test_comm(P):
+    job = mpirun(P, script("comm_check.py"))
+    assert job.returncode == 0, job.describe()
+    for r in range(P):
+        assert f"comm ok rank {r} of {P}" in job.stdout, job.describe()
+
+
+# -- ring attention under MPI -------------------------------------------------------------------------
+
+# name, dtype, (B, N, Hq, Hkv, D), causal, block_q, block_k, scale
+CASES = [
+    ("full", np.float64, (2, 24, 2, 2, 8), False, 4, 8, None),
+    ("causal_odd", np.float64, (1, 37, 2, 2, 8), True, 4, 3, None),
+    ("gqa_causal", np.float64, (1, 30, 4, 2, 8), True, 8, 5, 0.3),
+    ("gqa_mqa_odd", np.float64, (2, 23, 3, 1, 5), False, 3, 4, None),
+    ("fp32_causal_gqa", np.float32, (1, 29, 4, 2, 16), True, 4, 8, None),
+]
+CASE_NAMES = [c[0] for c in CASES]
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    rng = np.random.default_rng(20240611)
+    data = {}
+    for name, dtype, (B, N, Hq, Hkv, D), causal, bq, bk, scale in CASES:
+        q, k, v = make_qkv(rng, B=B, N=N, Hq=Hq, Hkv=Hkv, D=D, dtype=dtype)
+        data[name] = dict(q=q, k=k, v=v, dout=make_dout(rng, q),
+                          options=dict(causal=causal, block_q=bq, block_k=bk, scale=scale))
+    return data
+
+
+@pytest.fixture(scope="module")
+def mpi_runs(inputs, tmp_path_factory):
+    """One ``mpiexec -n P ring_check.py`` job per P, run on first use; every case in one job."""
+    runs = {}
+
+    def get(P):
+        if P not in runs:
+            directory = tmp_path_factory.mktemp(f"ring_p{P}")
+            (directory / "cases.json").write_text(json.dumps(
+                [dict(name=name, **d["options"]) for name, d in inputs.items()]))
+            for name, d in inputs.items():
+                np.savez(directory / f"{name}.npz", q=d["q"], k=d["k"], v=d["v"], dout=d["dout"])
+            job = mpirun(P, script("ring_check.py"), directory)
+            assert job.returncode == 0, job.describe()
+            results = {}
+            for name in inputs:
+                shards = [dict(np.load(directory / f"{name}.rank{r}.npz")) for r in range(P)]
+                results[name] = shards
+            runs[P] = results
+        return runs[P]
+
+    return get
+
+
+def _gather(shards):
+    """Rank shards (contiguous layout) -> natural order; lse's sequence axis is 2, the rest 1."""
+    return {key: np.concatenate([s[key] for s in shards], axis=2 if key == "lse" else 1)
+            for key in ("out", "lse", "dq", "dk", "dv")}
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", RANKS)
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_ring_matches_oracle(P, name, inputs, mpi_runs):
+    d = inputs[name]
+    got = _gather(mpi_runs(P)[name])
+    causal, scale = d["options"]["causal"], d["options"]["scale"]
+    out, lse = refimpl.naive_attention(d["q"], d["k"], d["v"], causal=causal, scale=scale)
+    dq, dk, dv = refimpl.naive_attention_backward(d["q"], d["k"], d["v"], d["dout"], causal=causal, scale=scale)
+    expected = dict(out=out, lse=lse, dq=dq, dk=dk, dv=dv)
+    for key, ref in expected.items():
+        if d["q"].dtype == np.float64:
+            assert_fp64_close(got[key], ref, f"{name} P={P} {key}")
+        else:
+            err = rel_err(got[key], ref)
+            assert err <= 1e-5, f"{name} P={P} {key}: relative error {err:.2e}"
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", RANKS)
+@pytest.mark.parametrize("name", CASE_NAMES)
+def test_ring_bitwise_equals_simulation(P, name, inputs, mpi_runs):
+    d = inputs[name]
+    got = _gather(mpi_runs(P)[name])
+    sim = refimpl.simulate_ring(d["q"], d["k"], d["v"], ranks=P, dout=d["dout"], **d["options"])
+    for key in ("out", "lse", "dq", "dk", "dv"):
+        expected = getattr(sim, key)
+        assert got[key].dtype == expected.dtype and got[key].shape == expected.shape, key
+        assert np.array_equal(got[key], expected), (
+            f"{name} P={P}: {key} differs from simulate_ring "
+            f"(max abs diff {np.max(np.abs(got[key].astype(np.float64) - expected)):.3e})")
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", RANKS)
+def test_ring_counts_bytes_per_step(P, inputs, mpi_runs):
+    """Only KV heads travel; every step's bytes are in the trace, and they add up to what MPIComm sent."""
+    for name, shards in mpi_runs(P).items():
+        d = inputs[name]
+        B, N, Hkv, D = d["k"].shape
+        item = d["k"].dtype.itemsize
+        acc = 8 if d["k"].dtype == np.float64 else 4
+        lengths = [len(a) for a in np.array_split(np.arange(N), P)]
+        for r, s in enumerate(shards):
+            assert int(s["bytes_sent"]) == int(s["trace_bytes"].sum()), (name, r)
+            # forward: P-1 K/V hops; backward: P-1 K/V hops and P dK/dV hops (accumulation dtype)
+            kv = [2 * B * lengths[(r - t) % P] * Hkv * D for t in range(P)]
+            expected = sum(kv[:-1]) * item * 2 + sum(kv) * acc
+            assert int(s["bytes_sent"]) == expected, (name, r, int(s["bytes_sent"]), expected)
+            assert (s["trace_wait"] >= 0).all()
+
+
+# -- failures -----------------------------------------------------------------------------------------
+
+def _assert_failed(job, *messages):
+    assert job.returncode != 0, job.describe()
+    assert job.elapsed < FAIL_SECONDS, f"the failing job took {job.elapsed:.1f} s\n{job.describe()}"
+    for message in messages:
+        assert message in job.stderr, f"{message!r} not in stderr\n{job.describe()}"
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", [2, 4])
+def test_exception_on_one_rank_aborts_the_job(P):
+    """Rank 1 raises while the others wait for a message from it: python -m mpi4py aborts everyone."""
+    job = mpirun(P, script("fail_check.py"), "raise")
+    _assert_failed(job, "RuntimeError: deliberate failure on rank 1")
+
+
+@needs_mpi
+def test_abort_hook_under_plain_python():
+    """Without -m mpi4py, install_abort_hook does the same, and names the rank on every line."""
+    job = mpirun(3, script("fail_check.py"), "raise", "hook", mpi4py=False)
+    _assert_failed(job, "rank 1: RuntimeError: deliberate failure on rank 1", "rank 1: Traceback")
+
+
+# mode, P, fragments of the message every rank must raise (fragments, so that rewording stays possible)
+BAD_INPUT = [
+    ("nan", 3, ("rank 1: q contains non-finite values", "(0, 0, 0, 0)")),
+    ("length", 4, ("rank 1 holds 6 tokens", "N=19", "gives it 5")),
+    ("length", 2, ("rank 0 holds 5 tokens", "N=11", "gives it 6")),
+    ("dtype", 2, ("ranks disagree on (B, Hq, Hkv, D, dtype", "rank 0: (1, 2, 2, 4, '<f8'",
+                  "rank 1: (1, 2, 2, 4, '<f4'")),
+    ("empty", 4, ("rank 3: q, k and v must have non-empty dimensions",)),
+]
+
+
+@needs_mpi
+@pytest.mark.parametrize("mode, P, fragments", BAD_INPUT)
+def test_bad_input_is_rejected_collectively(mode, P, fragments, tmp_path):
+    """Every rank raises the same ValueError, so even plain python (no abort on error) cannot hang.
+
+    Run without ``-m mpi4py`` and without the abort hook: had only the rank with the bad shard raised,
+    the others would wait for it forever and the job would time out.
+    """
+    job = mpirun(P, script("fail_check.py"), mode, f"errors={tmp_path}", mpi4py=False, timeout=30)
+    _assert_failed(job)
+    assert "ValueError" in job.stderr, job.describe()     # the ranks' tracebacks interleave: read the files
+    errors = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else None
+              for r in range(P)]
+    assert len(set(errors)) == 1, f"the ranks did not all raise the same error: {errors}"
+    assert errors[0].startswith("ValueError: ") and all(f in errors[0] for f in fragments), errors[0]
+
+
+@needs_mpi
+def test_bad_input_aborts_under_mpi4py():
+    job = mpirun(3, script("fail_check.py"), "nan")
+    _assert_failed(job, *BAD_INPUT[0][2])
+
+
+@needs_mpi
+def test_message_size_mismatch_is_an_error():
+    job = mpirun(2, script("fail_check.py"), "size")
+    _assert_failed(job, "CommError: message from rank 0 to rank 1 with tag 4 "
+                        f"({describe_tag(4)}) is larger than the 64-byte receive buffer")
+
+
+def test_import_error_without_mpi4py():
+    """Without mpi4py, importing the MPI communicator says how to install it."""
+    code = "import sys; sys.modules['mpi4py'] = None; import refimpl.comm.mpi"   # None: "not installed"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "ImportError" in done.stderr and "pip install 'ringattn[mpi]'" in done.stderr, done.stderr
+
+
+# -- the command line under mpiexec -------------------------------------------------------------------
+
+CLI_ARGS = ["run", "--seq", "37", "--heads", "4", "--kv-heads", "2", "--dim", "8", "--dtype", "fp64",
+            "--block-q", "4", "--block-k", "8", "--backward", "--json", "--check", "--no-progress"]
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", RANKS)
+def test_cli_under_mpiexec_matches_simulation(P, tmp_path):
+    """``mpiexec -n P python -m mpi4py -m refimpl run``: checked against the oracle, bitwise like --ranks P."""
+    # --ranks P as well: `mpiexec -n 1` is not an MPI launch to the CLI (it simulates --ranks ranks)
+    job = mpirun(P, "-m", "refimpl", *CLI_ARGS, "--ranks", P, "--output", tmp_path / "mpi")
+    assert job.returncode == 0, job.describe()
+    summary = json.loads(job.stdout)
+    assert summary["ranks"] == P and summary["check"]["passed"], summary["check"]
+    if P > 1:
+        assert summary["transport"] == "mpi"
+    assert len(summary["bytes_sent"]) == P and all(s["bytes_sent"] >= 0 for s in summary["trace"])
+    sim = subprocess.run([sys.executable, "-m", "refimpl", *CLI_ARGS, "--ranks", str(P), "--output",
+                          str(tmp_path / "sim")], capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        for r in range(P):
+            a, b = (np.load(tmp_path / kind / f"{name}.{r}.npy") for kind in ("mpi", "sim"))
+            assert a.dtype == b.dtype and np.array_equal(a, b), f"{name} of rank {r}: MPI != simulation"
+
+
+@needs_mpi
+def test_console_script_under_mpiexec():
+    """The ``ringattn`` entry point (plain python, no -m mpi4py) runs one rank per process too."""
+    job = mpirun(2, *CLI_ARGS, mpi4py=False, entry=BIN_RINGATTN)
+    assert job.returncode == 0, job.describe()
+    assert json.loads(job.stdout)["transport"] == "mpi"
+
+
+@needs_mpi
+def test_cli_more_ranks_than_tokens():
+    job = mpirun(3, "-m", "refimpl", "run", "--seq", "2", "--json")
+    _assert_failed(job, "3 ranks exceed --seq 2")
+
+
+@needs_mpi
+def test_cli_mismatched_shard_files(tmp_path):
+    """--input shards whose lengths disagree: every rank rejects them, and the job ends non-zero."""
+    rng = np.random.default_rng(3)
+    lengths = {0: 4, 1: 5, 2: 4}                 # rank 1's q has one token more than its k and v
+    for r, n in lengths.items():
+        np.save(tmp_path / f"q.{r}.npy", rng.standard_normal((1, n, 2, 4)))
+        for name in ("k", "v"):
+            np.save(tmp_path / f"{name}.{r}.npy", rng.standard_normal((1, 4, 2, 4)))
+    job = mpirun(3, "run", "--seq", "12", "--heads", "2", "--dim", "4", "--dtype", "fp64", "--input", tmp_path,
+                 mpi4py=False, entry=BIN_RINGATTN)
+    _assert_failed(job, "rank 1: k has sequence length 4 but q has 5")

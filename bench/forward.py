@@ -1,0 +1,440 @@
+"""Forward speed at one BLAS thread: blockwise, simulated ring (P=1, P=4) and naive, against the GEMM floor.
+
+For each N (default 2048 and 8192), B=1, H=8, D=64, fp32, non-causal, it times (median of --repeats):
+
+blockwise     ``blockwise_attention``
+ring P=1      ``simulate_ring(ranks=1)``: the same tile loop behind the ring machinery
+ring P=4      ``simulate_ring(ranks=4)``: 4 rank threads. On a 2-core machine they share 2 cores, so the
+              wall time is not comparable with the others; its CPU time (``time.process_time``, all
+              threads) is printed too, and CPU time / floor is the fair ratio.
+naive         ``naive_attention`` (the float64 oracle: it computes in float64, whatever the input). Its
+              peak is about 4 float64 score matrices, 4 * 8 * B * H * N^2 bytes (17 GiB at N=8192, H=8).
+              When that exceeds ``--naive-mem-limit`` (default 8 GiB, the machine is shared) or the
+              memory available, it is timed one head at a time (H calls with the same N, summed) and
+              labelled "per head"; the work is identical, only the peak memory differs.
+
+GEMM floor. In the same run, the sgemm rate is measured on exactly the matmuls the tile loop issues,
+with ``np.matmul(..., out=...)`` and the block sizes of ``refimpl.blockwise`` (BLOCK_Q x BLOCK_K)::
+
+    s = q_tile (B, Hkv, G, bq, D) @ k_tile^T (B, Hkv, 1, D, bk)     k_tile a view of the (B, N, Hkv, D) array
+    o = s      (B, Hkv, G, bq, bk) @ v_tile  (B, Hkv, 1, bk, D)
+
+    rate  = flops(both) / (median time(QK^T) + median time(PV))
+    floor = 4 * N^2 * D * H / rate
+
+The machine is shared and its load drifts, so the rate is measured again just before every repeat, each
+timed run is divided by the floor measured next to it, and the ratios reported are the medians of
+those per-repeat ratios (the times shown are plain medians).
+
+Targets (``--check`` exits with status 1 if one is missed):
+    blockwise <= 1.35 x GEMM floor, at every N
+    blockwise and ring P=1 never slower than naive, for N >= 4096
+
+``--profile`` adds, at the largest N, where the time of ``blockwise_attention`` goes: a cProfile listing,
+then a line timing of the tile (matmuls, softmax ops, merge, copies, and the rest = Python overhead),
+and a sweep of block sizes. ``--quick`` is a smoke run (< 30 s).
+
+BLAS is pinned to one thread (OMP_NUM_THREADS / OPENBLAS_NUM_THREADS = 1 before numpy is imported, and
+threadpoolctl around the timed code).
+"""
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+common.pin_blas_env(1)
+
+import numpy as np  # noqa: E402
+
+import refimpl  # noqa: E402
+from refimpl import blockwise_attention, naive_attention, simulate_ring  # noqa: E402
+from refimpl import tile as tile_mod  # noqa: E402
+from refimpl.blockwise import BLOCK_K, BLOCK_Q  # noqa: E402
+from refimpl.masks import PARTIAL  # noqa: E402
+
+GiB = 1 << 30
+TARGET_FLOOR = 1.35
+NAIVE_FROM_N = 4096
+
+
+def attn_flops(N, H, D, causal=False):
+    f = 4.0 * N * N * D * H
+    return f / 2 if causal else f
+
+
+def make_qkv(B, N, H, D, seed=0):
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal((B, N, H, D), dtype=np.float32) for _ in range(3))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GEMM floor
+
+
+def gemm_rate(B=1, H=8, D=64, block_q=BLOCK_Q, block_k=BLOCK_K, calls=40, seed=1):
+    """sgemm rate (flop/s) on the tile loop's two matmuls, with its layouts. Returns (rate, detail dict)."""
+    rng = np.random.default_rng(seed)
+    Hkv, G = H, 1
+    kv = rng.standard_normal((B, block_k, Hkv, D), dtype=np.float32)
+    k = kv.transpose(0, 2, 1, 3)[:, :, None]                       # (B, Hkv, 1, bk, D), as tile.kv_tile
+    q = rng.standard_normal((B, Hkv, G, block_q, D), dtype=np.float32)
+    s = np.empty((B, Hkv, G, block_q, block_k), np.float32)
+    o = np.empty((B, Hkv, G, block_q, D), np.float32)
+    s[...] = rng.random(s.shape, dtype=np.float32)
+    kT = k.swapaxes(-1, -2)
+
+    def qk():
+        np.matmul(q, kT, out=s)
+
+    def pv():
+        np.matmul(s, k, out=o)
+
+    flops_each = 2.0 * B * H * block_q * block_k * D
+    t_qk = common.time_it(qk, calls, warmup=3).median
+    t_pv = common.time_it(pv, calls, warmup=3).median
+    rate = 2 * flops_each / (t_qk + t_pv)
+    return rate, dict(qk=flops_each / t_qk, pv=flops_each / t_pv)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# naive
+
+
+def naive_peak_bytes(B, H, N):
+    """Peak of naive_attention: about four float64 (B, H, N, N) arrays alive at once in _probabilities."""
+    return 4 * 8 * B * H * N * N
+
+
+def run_naive(q, k, v, per_head):
+    if not per_head:
+        return naive_attention(q, k, v)
+    outs = [naive_attention(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1])[0] for h in range(q.shape[2])]
+    return np.concatenate(outs, axis=2), None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# profile: line timing of the tile by runtime substitution (refimpl's files are not touched)
+
+
+class TileTimer:
+    """Timed mirrors of tile.attend_tile, tile.merge and tile.q_tile, installed on the refimpl.tile module.
+
+    The mirrors execute the same NumPy calls in the same order as refimpl/tile.py (checked by comparing the
+    output bitwise with an untimed run). If refimpl/tile.py changes, the check reports the mismatch.
+    """
+
+    CATEGORIES = {
+        "matmul QK^T": "matmul", "matmul PV": "matmul",
+        "mask (partial tiles)": "softmax", "max": "softmax", "subtract max": "softmax", "exp": "softmax",
+        "sum": "softmax", "lse = m + log l": "softmax", "o /= l": "softmax",
+        "merge": "merge", "q_tile copy*scale": "copies", "kv_tile view/cast": "copies",
+    }
+
+    def __init__(self):
+        self.t = dict.fromkeys(self.CATEGORIES, 0.0)
+        self.calls = 0
+        self._saved = None
+
+    def attend_tile(self, q, k, v, q_pos, k_pos, mask, kind, ws):
+        pc, t = time.perf_counter, self.t
+        self.calls += 1
+        a = pc()
+        B, Hkv, G, bq, _ = q.shape
+        s = ws.get("s", (B, Hkv, G, bq, k.shape[3]))
+        np.matmul(q, k.swapaxes(-1, -2), out=s)
+        b = pc(); t["matmul QK^T"] += b - a
+        if kind == PARTIAL:
+            np.copyto(s, -np.inf, where=~mask.visible(q_pos, k_pos))
+        a = pc(); t["mask (partial tiles)"] += a - b
+        m = s.max(axis=-1)
+        if kind == PARTIAL:
+            m[np.isneginf(m)] = 0.0
+        b = pc(); t["max"] += b - a
+        np.subtract(s, m[..., None], out=s)
+        a = pc(); t["subtract max"] += a - b
+        np.exp(s, out=s)
+        b = pc(); t["exp"] += b - a
+        l = s.sum(axis=-1)
+        a = pc(); t["sum"] += a - b
+        o = np.matmul(s, v)
+        b = pc(); t["matmul PV"] += b - a
+        with np.errstate(divide="ignore"):
+            lse = m + np.log(l)
+        a = pc(); t["lse = m + log l"] += a - b
+        np.divide(o, l[..., None], out=o, where=l[..., None] > 0)
+        t["o /= l"] += pc() - a
+        return o, lse
+
+    def merge(self, o_acc, lse_acc, o, lse):
+        a = time.perf_counter()
+        r = self._saved["merge"](o_acc, lse_acc, o, lse)
+        self.t["merge"] += time.perf_counter() - a
+        return r
+
+    def q_tile(self, *args, **kw):
+        a = time.perf_counter()
+        r = self._saved["q_tile"](*args, **kw)
+        self.t["q_tile copy*scale"] += time.perf_counter() - a
+        return r
+
+    def kv_tile(self, *args, **kw):
+        a = time.perf_counter()
+        r = self._saved["kv_tile"](*args, **kw)
+        self.t["kv_tile view/cast"] += time.perf_counter() - a
+        return r
+
+    def __enter__(self):
+        names = ("attend_tile", "merge", "q_tile", "kv_tile")
+        self._saved = {n: getattr(tile_mod, n) for n in names}
+        for n in names:
+            setattr(tile_mod, n, getattr(self, n))
+        return self
+
+    def __exit__(self, *exc):
+        for n, f in self._saved.items():
+            setattr(tile_mod, n, f)
+
+
+def profile(N, H, D, repeats):
+    B = 1
+    q, k, v = make_qkv(B, N, H, D)
+    flops = attn_flops(N, H, D)
+    print(f"== profile of blockwise_attention at N={N}, H={H}, D={D}, fp32, non-causal, 1 BLAS thread ==")
+
+    pr = cProfile.Profile()
+    pr.enable()
+    ref, _ = blockwise_attention(q, k, v)
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(12)
+    lines = [ln for ln in buf.getvalue().splitlines() if ln.strip()]
+    start = next((i for i, ln in enumerate(lines) if "ncalls" in ln), 0)
+    print("cProfile, top 12 by tottime (ufunc calls such as np.matmul, np.exp, np.subtract are not profiled "
+          "as separate entries: their time is the tottime of the Python function that calls them):")
+    print("\n".join(lines[start - 1:start + 14] if start else lines[:16]))
+    print()
+
+    plain = common.time_it(lambda: blockwise_attention(q, k, v), repeats)
+    timers = []
+
+    def timed():
+        with TileTimer() as tt:
+            out, _ = blockwise_attention(q, k, v)
+        timers.append((tt, out))
+
+    timed_t = common.time_it(timed, repeats)
+    idx = int(np.argsort(timed_t.wall)[len(timed_t.wall) // 2])
+    tt, out = timers[idx]
+    total = timed_t.wall[idx]
+    same = np.array_equal(out, ref)
+    print(f"line timing (median run of {repeats}; untimed median {common.fmt_s(plain.median)}, timed "
+          f"{common.fmt_s(timed_t.median)}; {tt.calls} tiles; mirror output "
+          f"{'bitwise equal to refimpl' if same else 'DIFFERS from refimpl: refimpl/tile.py changed, the breakdown is stale'}):")
+    rows, groups = [], {}
+    for name, sec in tt.t.items():
+        groups[tt.CATEGORIES[name]] = groups.get(tt.CATEGORIES[name], 0.0) + sec
+        rows.append([name, tt.CATEGORIES[name], common.fmt_s(sec), f"{100 * sec / total:.1f}%",
+                     f"{1e3 * sec / max(tt.calls, 1):.3f}"])
+    other = total - sum(tt.t.values())
+    rows.append(["rest (Python loop, plan, views, accumulator init, astype)", "python", common.fmt_s(other),
+                 f"{100 * other / total:.1f}%", f"{1e3 * other / max(tt.calls, 1):.3f}"])
+    groups["python"] = other
+    print(common.table(["op", "group", "time", "share", "ms/tile"], rows, align="llrrr"))
+    print("by group: " + ", ".join(f"{g} {100 * s / total:.1f}%" for g, s in groups.items()))
+    rate, _ = gemm_rate(B, H, D)
+    print(f"matmul time at the isolated sgemm rate would be {common.fmt_s(flops / rate)}; in the loop it took "
+          f"{common.fmt_s(groups['matmul'])} ({flops / groups['matmul'] / 1e9:.1f} GFLOP/s vs "
+          f"{rate / 1e9:.1f} isolated)")
+    print()
+
+    print("block size sweep (blockwise_attention's block_q/block_k keywords; refimpl default "
+          f"{BLOCK_Q}x{BLOCK_K}), and one head per call:")
+    rows = []
+    base = None
+    variants = [(BLOCK_Q, BLOCK_K), (128, 1024), (512, 1024), (256, 512), (256, 2048), (128, 512), (64, 1024)]
+    for bq, bk in variants:
+        if bq > N or bk > N:
+            continue
+        t = common.time_it(lambda: blockwise_attention(q, k, v, block_q=bq, block_k=bk), repeats).median
+        base = base or t
+        rows.append([f"{bq}x{bk}, all {H} heads", common.fmt_s(t), f"{flops / t / 1e9:.1f}",
+                     f"{t / base:.3f}", f"{t * rate / flops:.3f}"])
+    for bq, bk in [(BLOCK_Q, BLOCK_K), (512, 2048)]:
+        def per_head():
+            for h in range(H):
+                blockwise_attention(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1], block_q=bq, block_k=bk)
+        t = common.time_it(per_head, repeats).median
+        rows.append([f"{bq}x{bk}, one head per call", common.fmt_s(t), f"{flops / t / 1e9:.1f}",
+                     f"{t / base:.3f}", f"{t * rate / flops:.3f}"])
+    print(common.table(["tiles", "median", "GFLOP/s", "vs default", "x floor"], rows))
+    print()
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="See the module docstring (python -m pydoc bench/forward.py) for details.")
+    ap.add_argument("--sizes", default=None, help="comma-separated N (default 2048,8192)")
+    ap.add_argument("--heads", type=int, default=None, help="heads H (default 8; --quick: 4)")
+    ap.add_argument("--dim", type=int, default=64, help="head dimension D (default 64)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repeats per case, median reported "
+                                                               "(default 3, at least 3 recommended)")
+    ap.add_argument("--no-naive", action="store_true", help="skip naive_attention")
+    ap.add_argument("--naive-mem-limit", type=float, default=8.0,
+                    help="GiB; above this estimated peak naive is timed one head at a time (default 8)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile blockwise at the largest N: cProfile, line timing, block size sweep")
+    ap.add_argument("--quick", action="store_true", help="smoke run: N=2048,4096, H=4, 3 repeats (< 30 s)")
+    ap.add_argument("--check", action="store_true", help="exit with status 1 if a target is missed")
+    args = ap.parse_args(argv)
+
+    sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else ([2048, 4096] if args.quick else [2048, 8192])
+    H = args.heads or (4 if args.quick else 8)
+    D, B = args.dim, 1
+    repeats = args.repeats or 3
+    t_start = time.perf_counter()
+
+    print(f"ringattn forward speed: B={B}, H={H}, D={D}, fp32, non-causal, block_q={BLOCK_Q}, block_k={BLOCK_K}, "
+          f"median of {repeats}")
+    with common.blas_one_thread():
+        print(f"BLAS: {common.blas_info()}; numpy {np.__version__}; refimpl from {Path(refimpl.__file__).parent}")
+        print(f"machine: {common.load_line()} at start")
+        results = []
+        for N in sizes:
+            q, k, v = make_qkv(B, N, H, D)
+            fl = attn_flops(N, H, D)
+            cases = {"blockwise": lambda: blockwise_attention(q, k, v),
+                     "ring1": lambda: simulate_ring(q, k, v, ranks=1),
+                     "ring4": lambda: simulate_ring(q, k, v, ranks=4)}
+            r = dict(N=N, rates=[], qk=[], pv=[], **{name: common.Timing() for name in cases})
+            r["ratio"] = {name: [] for name in ("blockwise", "ring1", "ring4", "ring4_cpu")}
+            cases["blockwise"]()                                  # warm-up
+            for _ in range(repeats):                              # each repeat: fresh floor, then every case
+                rate, detail = gemm_rate(B, H, D, calls=12)
+                r["rates"].append(rate)
+                r["qk"].append(detail["qk"])
+                r["pv"].append(detail["pv"])
+                for name, fn in cases.items():
+                    t = common.time_it(fn, 1)
+                    r[name].wall += t.wall
+                    r[name].cpu += t.cpu
+                    r["ratio"][name].append(t.wall[0] * rate / fl)
+                    if name == "ring4":
+                        r["ratio"]["ring4_cpu"].append(t.cpu[0] * rate / fl)
+            r["rate"] = statistics.median(r["rates"])
+            r["floor"] = fl / r["rate"]
+            out_b, _ = blockwise_attention(q, k, v)
+            out_r = simulate_ring(q, k, v, ranks=4).out
+            r["ring_err"] = float(np.max(np.abs(out_b - out_r)))
+            r["naive"] = None
+            if not args.no_naive:
+                est = naive_peak_bytes(B, H, N)
+                avail = common.mem_available()
+                per_head = est > args.naive_mem_limit * GiB or (avail is not None and est > 0.8 * avail)
+                if per_head and naive_peak_bytes(B, 1, N) > min(args.naive_mem_limit * GiB, 0.8 * (avail or 1e30)):
+                    r["naive_note"] = f"skipped: even one head needs ~{common.fmt_bytes(naive_peak_bytes(B, 1, N))}"
+                else:
+                    r["naive_note"] = (f"one head per call (full-H peak ~{common.fmt_bytes(est)} > limit)"
+                                       if per_head else f"all heads in one call (peak ~{common.fmt_bytes(est)})")
+                    holder = {}
+
+                    def go():
+                        holder["out"] = None          # drop the previous output before the next run
+                        holder["out"] = run_naive(q, k, v, per_head)[0]
+
+                    r["naive"] = common.time_it(go, repeats)
+                    r["naive_err"] = float(np.max(np.abs(out_b.astype(np.float64) - holder["out"])))
+                    del holder
+            results.append(r)
+            msg = ", ".join(f"{name} {common.fmt_s(r[key].median)}" for key, name in
+                            [("blockwise", "blockwise"), ("ring1", "ring P=1"), ("ring4", "ring P=4")])
+            if r["naive"] is not None:
+                msg += f", naive {common.fmt_s(r['naive'].median)}"
+            print(f"  N={N}: {msg}; sgemm {r['rate'] / 1e9:.1f} GFLOP/s (QK^T "
+                  f"{statistics.median(r['qk']) / 1e9:.1f}, PV {statistics.median(r['pv']) / 1e9:.1f}; per repeat "
+                  f"{', '.join(f'{x / 1e9:.1f}' for x in r['rates'])})", flush=True)
+            del q, k, v, out_b, out_r
+        print(f"machine: {common.load_line()} at end (the load includes this run; above 1 means other work shared "
+              "the cores)")
+        print()
+
+        rows = []
+        for r in results:
+            N = r["N"]
+            fl = attn_flops(N, H, D)
+
+            def cell(t):
+                return f"{common.fmt_s(t)} ({fl / t / 1e9:.1f})"
+
+            rows.append([N, f"{common.fmt_s(r['floor'])} ({r['rate'] / 1e9:.1f})", cell(r["blockwise"].median),
+                         cell(r["ring1"].median), cell(r["ring4"].median), common.fmt_s(r["ring4"].cpu_median),
+                         cell(r["naive"].median) if r["naive"] else "-"])
+        print("median wall time (achieved GFLOP/s); GFLOP counts 4*N^2*D*H, the non-causal forward's matmuls")
+        print(common.table(["N", "GEMM floor", "blockwise", "ring P=1", "ring P=4 (wall)", "ring P=4 (cpu)",
+                            "naive fp64"], rows))
+        print()
+        rows = []
+        for r in results:
+            med = {name: statistics.median(x) for name, x in r["ratio"].items()}
+            r["blockwise_ratio"] = med["blockwise"]
+            nb = r["naive"].median / r["blockwise"].median if r["naive"] else None
+            rows.append([r["N"], f"{med['blockwise']:.3f}", f"{med['ring1']:.3f}", f"{med['ring4']:.3f}",
+                         f"{med['ring4_cpu']:.3f}", "-" if nb is None else f"{nb:.2f}",
+                         f"{r['ring4'].cpu_median / r['ring4'].median:.2f}"])
+        print("ratios to the GEMM floor: each timed run is divided by the floor measured just before it, and the "
+              "median of those ratios is shown (robust to load that drifts during the run).")
+        print(f"P=4 runs 4 rank threads on {os.cpu_count()} cores: use its cpu/floor; 'cores used' = its cpu/wall, "
+              "below the core count when other work shares the machine.")
+        print(common.table(["N", "blockwise/floor", "ring P=1/floor", "ring P=4 wall/floor", "ring P=4 cpu/floor",
+                            "naive/blockwise", "P=4 cores used"], rows))
+        print()
+        for r in results:
+            lo, hi = r["blockwise"].spread
+            line = (f"  N={r['N']}: blockwise spread {common.fmt_s(lo)}..{common.fmt_s(hi)}; "
+                    f"max |blockwise - ring P=4| {r['ring_err']:.1e}")
+            if "naive_note" in r:
+                line += f"; naive: {r['naive_note']}"
+            if r.get("naive_err") is not None:
+                line += f", max |blockwise - naive| {r['naive_err']:.1e}"
+            print(line)
+        print()
+
+        verdicts = common.Verdicts()
+        for r in results:
+            ratio = r["blockwise_ratio"]
+            verdicts.add(ratio <= TARGET_FLOOR, f"N={r['N']}: blockwise {ratio:.3f} x GEMM floor "
+                                                f"(target <= {TARGET_FLOOR})")
+        for r in results:
+            if r["N"] < NAIVE_FROM_N:
+                continue
+            if r["naive"] is None:
+                print(f"n/a: N={r['N']}: naive not run ({r.get('naive_note', '--no-naive')})")
+                continue
+            nb, n1 = r["naive"].median, r["naive"].median
+            verdicts.add(r["blockwise"].median <= nb and r["ring1"].median <= n1,
+                         f"N={r['N']}: blockwise ({common.fmt_s(r['blockwise'].median)}) and ring P=1 "
+                         f"({common.fmt_s(r['ring1'].median)}) not slower than naive ({common.fmt_s(nb)})")
+        if not any(r["N"] >= NAIVE_FROM_N for r in results):
+            print(f"n/a: no N >= {NAIVE_FROM_N} in this run, the naive target is not checked")
+        print(f"total {common.fmt_s(time.perf_counter() - t_start)}")
+        print()
+        if args.profile:
+            profile(max(sizes), H, D, repeats)
+            print(f"total with profile {common.fmt_s(time.perf_counter() - t_start)}")
+    return verdicts.exit_code(args.check)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

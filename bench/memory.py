@@ -39,7 +39,7 @@ floor / rank
 
         shards   q, k, v (input dtype) + out (fp32) + lse (fp32) of n tokens
         buffers  2 K/V buffers of 2 * B * n * Hkv * D * 4 bytes (current and incoming)
-        tile     B * H * block_q * block_k * 4 (one fp32 score tile for all heads)
+        tile     block_q * block_k * 4 (one head's fp32 score tile: the forward visits heads one at a time)
 
     Targets: measured <= 1.25 x floor on every row, and memory linear in N: the measured bytes per
     (token x head) must not grow from one row to the next by more than 10% (the tile term is constant
@@ -92,7 +92,7 @@ def floor_bytes(B, N, H, Hkv, D, P, itemsize=4, block_q=BLOCK_Q, block_k=BLOCK_K
     n = -(-N // P)
     shards = B * n * (H + 2 * Hkv) * D * itemsize + B * n * H * D * 4 + B * H * n * 4
     buffers = 2 * (2 * B * n * Hkv * D * itemsize)
-    tile = B * H * min(block_q, n) * min(block_k, n) * 4
+    tile = min(block_q, n) * min(block_k, n) * 4
     return shards + buffers + tile, dict(shards=shards, buffers=buffers, tile=tile)
 
 

@@ -21,7 +21,7 @@ from . import tile, validate
 from .masks import mask_for
 from .schedule import plan_tiles
 
-BLOCK_Q = 256
+BLOCK_Q = 512
 BLOCK_K = 1024
 
 

@@ -24,7 +24,8 @@ k or v: query head h = g + G * c reads kv head c, where G = Hq / Hkv::
     o               (B, Hkv, G, bq, D)
     lse             (B, Hkv, G, bq)      float64 in the forward, whatever the inputs (see ``merge``)
 
-At most one (B, Hkv, G, bq, bk) block of scores per buffer is alive; it lives in a reused ``Workspace``.
+The forward keeps one head's (bq, bk) block of scores alive; the backward one (B, Hkv, G, bq, bk) block
+per buffer (p and ds). They live in a reused ``Workspace``.
 """
 
 import numpy as np
@@ -93,15 +94,27 @@ def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
     ``kind`` is the tile's class from ``mask.classify`` (empty tiles are never passed in).
     Returns o (B, Hkv, G, bq, D) in the accumulation dtype and lse (B, Hkv, G, bq) in float64. A row
     that sees no key of this tile gets o = 0, lse = -inf.
+
+    The heads are visited one at a time so that a head's (bq, bk) scores stay in cache through the
+    five passes over them (scores, max, subtract, exp, p v); the row sums l are a matrix-vector product.
     """
-    s = _scores(q, k, q_pos, k_pos, mask, kind, ws)
-    m = s.max(axis=-1)
-    if kind == PARTIAL:
-        m[np.isneginf(m)] = 0.0                 # a row hidden from the whole tile: exp(-inf - 0) = 0
-    np.subtract(s, m[..., None], out=s)
-    np.exp(s, out=s)                            # s now holds p * l, unnormalised probabilities
-    l = s.sum(axis=-1)
-    o = np.matmul(s, v)
+    B, Hkv, G, bq, D = q.shape
+    s = ws.get("s", (bq, k.shape[3]))
+    ones = np.ones(k.shape[3], s.dtype)
+    hidden = ~mask.visible(q_pos, k_pos) if kind == PARTIAL else None
+    o = np.empty(q.shape[:4] + (v.shape[4],), s.dtype)
+    m, l = np.empty(q.shape[:4], s.dtype), np.empty(q.shape[:4], s.dtype)
+    for b, c, g in np.ndindex(B, Hkv, G):
+        np.matmul(q[b, c, g], k[b, c, 0].T, out=s)
+        if hidden is not None:
+            np.copyto(s, -np.inf, where=hidden)
+        row_max = np.max(s, axis=1, out=m[b, c, g])
+        if hidden is not None:
+            row_max[np.isneginf(row_max)] = 0.0          # a row hidden from the whole tile: exp(-inf - 0) = 0
+        np.subtract(s, row_max[:, None], out=s)
+        np.exp(s, out=s)                                 # s now holds p * l, unnormalised probabilities
+        np.matmul(s, ones, out=l[b, c, g])
+        np.matmul(s, v[b, c, 0], out=o[b, c, g])
     with np.errstate(divide="ignore"):
         lse = m.astype(np.float64) + np.log(l.astype(np.float64))      # l = 0 -> lse = -inf
     np.divide(o, l[..., None], out=o, where=l[..., None] > 0)

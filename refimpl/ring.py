@@ -89,6 +89,16 @@ class _Ring:
         """A flat buffer big enough for the largest (2, B, n, Hkv, D) K/V (or dK/dV) message."""
         return np.empty(2 * self.B * self.n_max * self.Hkv * self.D, dtype)
 
+    def rotate(self, comm, bufs, current, step, kind):
+        """Post step ``step``'s K/V exchange: ``current`` goes on to rank + 1 while the shard for step + 1
+        arrives from rank - 1 into the other buffer of ``bufs``. Returns (that buffer, the requests);
+        on the last step nothing travels and ``current`` stays."""
+        if step + 1 == self.P:
+            return current, []
+        following = self.packed(bufs[(step + 1) % 2], kv_source(self.rank, step + 1, self.P))
+        return following, [comm.irecv(following, recv_from(self.rank, self.P), tag(kind, step)),
+                           comm.isend(current, send_to(self.rank, self.P), tag(kind, step))]
+
     def packed(self, flat, owner):
         """View the front of a flat buffer as the (2, B, n, Hkv, D) message of ``owner``'s shard."""
         n = self.layout.length(owner)
@@ -127,11 +137,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
     trace = []
     for step in range(P):
         src = kv_source(r, step, P)
-        requests = []
-        if step + 1 < P:
-            following = ring.packed(bufs[(step + 1) % 2], kv_source(r, step + 1, P))
-            requests = [comm.irecv(following, recv_from(r, P), tag(FORWARD_KV, step)),
-                        comm.isend(current, send_to(r, P), tag(FORWARD_KV, step))]
+        following, requests = ring.rotate(comm, bufs, current, step, FORWARD_KV)
         t0 = time.perf_counter()
         plan = attend_shard(o, lse, q, current[0], current[1], ring.q_pos, ring.layout.positions(src),
                             ring.mask, ring.scale, ring.block_q, ring.block_k, ws, tick)
@@ -139,8 +145,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
         comm.waitall(requests)
         trace.append(StepRecord("forward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
                                 current.nbytes if requests else 0, t1 - t0, time.perf_counter() - t1))
-        if requests:
-            current = following
+        current = following
     out, lse_out = o.astype(q.dtype, copy=False), lse.astype(ring.acc, copy=False)
     peak = (_nbytes(q, k, v, o, lse, *bufs) + ws.nbytes + (0 if out is o else out.nbytes)
             + (0 if lse_out is lse else lse_out.nbytes))
@@ -170,11 +175,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
     trace = []
     for step in range(P):
         src = kv_source(r, step, P)
-        requests = []
-        if step + 1 < P:
-            following = ring.packed(kv_bufs[(step + 1) % 2], kv_source(r, step + 1, P))
-            requests = [comm.irecv(following, recv_from(r, P), tag(BACKWARD_KV, step)),
-                        comm.isend(current, send_to(r, P), tag(BACKWARD_KV, step))]
+        following, requests = ring.rotate(comm, kv_bufs, current, step, BACKWARD_KV)
         grad = ring.packed(grad_bufs[step % 2], src)
         if step == 0:
             grad[...] = 0
@@ -198,8 +199,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
         trace.append(StepRecord("backward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
                                 grad.nbytes + (current.nbytes if requests else 0), t1 - t0,
                                 time.perf_counter() - t1))
-        if requests:
-            current = following
+        current = following
     mine = ring.packed(grad_bufs[P % 2], r)
     comm.wait(comm.irecv(mine, recv_from(r, P), tag(BACKWARD_DKV, P - 1)))
     comm.wait(grad_send)

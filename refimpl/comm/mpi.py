@@ -251,12 +251,6 @@ class MPIComm(Comm):
     def allgather(self, value):
         return self.comm.allgather(value)
 
-    def allreduce(self, value, op="sum"):
-        ops = {"sum": self.MPI.SUM, "max": self.MPI.MAX, "min": self.MPI.MIN}
-        if op not in ops:
-            raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
-        return self.comm.allreduce(value, ops[op])
-
     def barrier(self):
         self.comm.Barrier()
 
@@ -264,9 +258,9 @@ class MPIComm(Comm):
         """Let MPI move pending messages along without blocking (one ``MPI_Iprobe``).
 
         MPI libraries without a progress thread copy a large (rendezvous) message only while one of the
-        two ranks is inside an MPI call; a rank computing tiles makes no such call. Calling this between
-        tiles (``ring_attention(..., on_tile=comm.progress)``) lets the transfer advance during the
-        compute. It receives nothing and changes no result.
+        two ranks is inside an MPI call; a rank computing tiles makes no such call. The ring calls this
+        after every tile, so the transfer advances during the compute. It receives nothing and changes
+        no result.
         """
         self.comm.Iprobe(self.MPI.ANY_SOURCE, self.MPI.ANY_TAG)
 

@@ -55,13 +55,13 @@ common.pin_blas_env(1)
 import numpy as np  # noqa: E402
 
 from refimpl import tile, validate  # noqa: E402
-from refimpl.blockwise import BLOCK_K, BLOCK_Q, attend_shard  # noqa: E402
+from refimpl.blockwise import attend_shard  # noqa: E402
+from refimpl.cli import DTYPES, add_problem_options  # noqa: E402
 from refimpl.layouts import Contiguous  # noqa: E402
 from refimpl.masks import mask_for  # noqa: E402
 from refimpl.ring import ring_attention  # noqa: E402
 from refimpl.schedule import FORWARD_KV, kv_source, recv_from, send_to, tag  # noqa: E402
 
-DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
 VARIANTS = ("double-buffered", "double-buffered + progress", "blocking")
 
 
@@ -83,17 +83,9 @@ def parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ranks", type=int, default=4,
                    help="ranks to launch with mpiexec (ignored when already started by an MPI launcher)")
-    p.add_argument("--seq", type=int, default=4096, help="sequence length N")
-    p.add_argument("--batch", type=int, default=1, help="batch size B")
-    p.add_argument("--heads", type=int, default=8, help="query heads Hq")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads Hkv (default: --heads)")
-    p.add_argument("--dim", type=int, default=64, help="head dimension D")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=False,
-                   help="causal mask (off by default: with contiguous shards it adds load imbalance, which "
-                        "shows up as wait in both schedules)")
-    p.add_argument("--block-q", type=int, default=BLOCK_Q)
-    p.add_argument("--block-k", type=int, default=BLOCK_K)
+    add_problem_options(p, seq=4096, causal=False,
+                        causal_help="causal mask (off by default: with contiguous shards it adds load imbalance, "
+                                    "which shows up as wait in both schedules)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs of each schedule")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each schedule first")
     p.add_argument("--quick", action="store_true", help="N=1024, 3 repeats: a smoke test of a few seconds")

@@ -35,6 +35,19 @@ def _positive(text):
     return value
 
 
+def add_problem_options(p, *, seq, causal, causal_help="causal mask"):
+    """The options that shape one attention problem, shared by ``ringattn run`` and the benchmarks."""
+    p.add_argument("--seq", type=_positive, default=seq, help="sequence length N")
+    p.add_argument("--batch", type=_positive, default=1, help="batch size B")
+    p.add_argument("--heads", type=_positive, default=8, help="query heads Hq")
+    p.add_argument("--kv-heads", type=_positive, default=None, help="key/value heads Hkv (GQA); default: --heads")
+    p.add_argument("--dim", type=_positive, default=64, help="head dimension D")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=causal, help=causal_help)
+    p.add_argument("--block-q", type=_positive, default=BLOCK_Q, help="query rows per tile")
+    p.add_argument("--block-k", type=_positive, default=BLOCK_K, help="key columns per tile")
+
+
 def parser():
     p = argparse.ArgumentParser(prog="ringattn", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,15 +59,7 @@ def parser():
                     "ranks as threads; under `mpiexec -n P ringattn run` each process is one rank.")
     run.add_argument("--ranks", type=_positive, default=4,
                      help="simulated ranks (ignored under an MPI launch with more than one process)")
-    run.add_argument("--seq", type=_positive, default=16384, help="sequence length N")
-    run.add_argument("--batch", type=_positive, default=1, help="batch size B")
-    run.add_argument("--heads", type=_positive, default=8, help="query heads Hq")
-    run.add_argument("--kv-heads", type=_positive, default=None, help="key/value heads Hkv (GQA); default: --heads")
-    run.add_argument("--dim", type=_positive, default=64, help="head dimension D")
-    run.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
-    run.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal mask")
-    run.add_argument("--block-q", type=_positive, default=BLOCK_Q, help="query rows per tile")
-    run.add_argument("--block-k", type=_positive, default=BLOCK_K, help="key columns per tile")
+    add_problem_options(run, seq=16384, causal=True)
     run.add_argument("--seed", type=int, default=0, help="seed of the inputs (values depend on seed and position only)")
     run.add_argument("--backward", action="store_true", help="also run the backward ring and check dq, dk, dv")
     run.add_argument("--samples", type=_positive, default=64,

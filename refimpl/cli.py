@@ -171,7 +171,7 @@ def run_rank(comm, args, on_tile=None):
         bytes_sent=[s["sent"] for s in stats],
         **({"peak_rss_bytes": [s["rss"] for s in stats]} if args.transport == "mpi" else {}),
         overlap=_overlap([rec for s in stats for rec in s["trace"]]),
-        trace=[{k: v for k, v in vars(rec).items() if k != "skipped_tiles"} for s in stats for rec in s["trace"]])
+        trace=[rec.summary() for s in stats for rec in s["trace"]])
 
 
 def _peak_rss():

@@ -143,7 +143,7 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
                             ring.mask, ring.scale, ring.block_q, ring.block_k, ws, tick)
         t1 = time.perf_counter()
         comm.waitall(requests)
-        trace.append(StepRecord("forward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
+        trace.append(StepRecord("forward", step, r, r, src, plan.computed, plan.skipped,
                                 current.nbytes if requests else 0, t1 - t0, time.perf_counter() - t1))
         current = following
     out, lse_out = o.astype(q.dtype, copy=False), lse.astype(ring.acc, copy=False)
@@ -157,8 +157,8 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
     """Backward ring attention on this rank.
 
     q, k, v as for ``ring_attention``; out (B, n, Hq, D) and lse (B, Hq, n) are what it returned on this
-    rank (out in q's dtype, lse in the accumulation dtype); dout (B, n, Hq, D) in q's dtype. Returns a ``ShardBackward`` with dq, dk, dv for this rank's shard, in the
-    input dtype.
+    rank (out in q's dtype, lse in the accumulation dtype); dout (B, n, Hq, D) in q's dtype. Returns a
+    ``ShardBackward`` with dq, dk, dv for this rank's shard, in the input dtype.
     """
     ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k, backward=(out, dout, lse))
     P, r, acc = ring.P, ring.rank, ring.acc
@@ -196,7 +196,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
             comm.wait(grad_send)          # frees the other accumulator buffer for the next receive
         grad_send = comm.isend(grad, send_to(r, P), tag(BACKWARD_DKV, step))
         comm.waitall(requests)
-        trace.append(StepRecord("backward", step, r, r, src, plan.computed, len(plan.skipped), plan.skipped,
+        trace.append(StepRecord("backward", step, r, r, src, plan.computed, plan.skipped,
                                 grad.nbytes + (current.nbytes if requests else 0), t1 - t0,
                                 time.perf_counter() - t1))
         current = following

@@ -12,7 +12,7 @@ Message tags. Every message carries a tag that encodes what it is and at which s
 stuck receive can say which step it was waiting for (``describe_tag``).
 """
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from .masks import EMPTY
 
@@ -78,8 +78,18 @@ class StepRecord:
     q_shard: int                    # whose q rows (always the rank itself)
     kv_shard: int                   # whose K/V shard was attended to
     tiles: int                      # tiles computed
-    skipped: int                    # tiles skipped as fully masked
-    skipped_tiles: list             # their (q block index, k block index), block_q x block_k tokens each
+    skipped_tiles: list             # tiles skipped as fully masked: (q block index, k block index)
     bytes_sent: int                 # bytes this rank posted to its successor during the step
     compute_s: float = 0.0          # seconds spent in tiles
     wait_s: float = 0.0             # seconds spent waiting for messages after the tiles were done
+
+    @property
+    def skipped(self):
+        """How many tiles were skipped."""
+        return len(self.skipped_tiles)
+
+    def summary(self):
+        """The record as a JSON-ready dict, with the skipped tiles counted rather than listed."""
+        fields = asdict(self)
+        fields["skipped"] = len(fields.pop("skipped_tiles"))
+        return fields

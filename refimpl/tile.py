@@ -77,14 +77,17 @@ def kv_tile(x, dtype):
     return x.transpose(0, 2, 1, 3)[:, :, None].astype(dtype, copy=False)
 
 
-def _scores(q, k, q_pos, k_pos, mask, kind, ws, name="s"):
-    """s = q k^T for a working-form tile, with hidden pairs set to -inf on partial tiles."""
-    B, Hkv, G, bq, _ = q.shape
-    s = ws.get(name, (B, Hkv, G, bq, k.shape[3]))
-    np.matmul(q, k.swapaxes(-1, -2), out=s)
-    if kind == PARTIAL:
-        np.copyto(s, -np.inf, where=~mask.visible(q_pos, k_pos))
-    return s
+def _hidden(q_pos, k_pos, mask, kind):
+    """(bq, bk) bool, True where the mask hides a key; None on a full tile (nothing to hide)."""
+    return ~mask.visible(q_pos, k_pos) if kind == PARTIAL else None
+
+
+def _scores(q, k, hidden, out):
+    """out = q k^T for a working-form tile (any leading dims), with hidden pairs set to -inf."""
+    np.matmul(q, k.swapaxes(-1, -2), out=out)
+    if hidden is not None:
+        np.copyto(out, -np.inf, where=hidden)
+    return out
 
 
 def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
@@ -101,13 +104,11 @@ def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
     B, Hkv, G, bq, D = q.shape
     s = ws.get("s", (bq, k.shape[3]))
     ones = np.ones(k.shape[3], s.dtype)
-    hidden = ~mask.visible(q_pos, k_pos) if kind == PARTIAL else None
+    hidden = _hidden(q_pos, k_pos, mask, kind)
     o = np.empty(q.shape[:4] + (v.shape[4],), s.dtype)
     m, l = np.empty(q.shape[:4], s.dtype), np.empty(q.shape[:4], s.dtype)
     for b, c, g in np.ndindex(B, Hkv, G):
-        np.matmul(q[b, c, g], k[b, c, 0].T, out=s)
-        if hidden is not None:
-            np.copyto(s, -np.inf, where=hidden)
+        _scores(q[b, c, g], k[b, c, 0], hidden, s)
         row_max = np.max(s, axis=1, out=m[b, c, g])
         if hidden is not None:
             row_max[np.isneginf(row_max)] = 0.0          # a row hidden from the whole tile: exp(-inf - 0) = 0
@@ -150,7 +151,7 @@ def attend_tile_backward(q, k, v, dout, lse, delta, q_pos, k_pos, mask, kind, ws
     """
     B, Hkv, G, bq, D = q.shape
     bk = k.shape[3]
-    p = _scores(q, k, q_pos, k_pos, mask, kind, ws, "p")
+    p = _scores(q, k, _hidden(q_pos, k_pos, mask, kind), ws.get("p", (B, Hkv, G, bq, bk)))
     np.subtract(p, lse[..., None], out=p)
     np.exp(p, out=p)
     p_rows = p.reshape(B, Hkv, G * bq, bk)              # the G heads of one kv head stacked as rows

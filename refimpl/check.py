@@ -18,7 +18,8 @@ from .naive import _heads, _visible
 
 # --check thresholds on the relative error max|x - ref| / max|ref| against the float64 oracle. The tests
 # apply the stricter rule "at most 2x the error of a plain same-precision computation" (specs/tolerances.md).
-TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3}
+# bfloat16 (GPU engine only) has 8 significant bits to float16's 11: its threshold is 8x float16's.
+TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 4e-2}
 
 
 def sample_rows(layout, samples, seed=0):

@@ -15,9 +15,9 @@ import time
 
 import numpy as np
 
-from . import check, inputs
+from . import check, inputs, validate
 from .blockwise import BLOCK_K, BLOCK_Q
-from .comm.sim import SimWorld
+from .engine import NumpyEngine
 from .layouts import Contiguous
 from .masks import mask_for
 from .naive import naive_attention, naive_attention_backward
@@ -25,6 +25,8 @@ from .ring import ring_attention, ring_attention_backward
 from .schedule import kv_source, plan_tiles
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
+if validate.BFLOAT16 is not None:
+    DTYPES["bf16"] = validate.BFLOAT16          # --device gpu only
 FULL_CHECK_SCORES = 1 << 22          # the full oracle runs when B * Hq * N^2 is at most this
 
 
@@ -59,6 +61,12 @@ def parser():
                     "ranks as threads; under `mpiexec -n P ringattn run` each process is one rank.")
     run.add_argument("--ranks", type=_positive, default=4,
                      help="simulated ranks (ignored under an MPI launch with more than one process)")
+    run.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                     help="where every rank computes: NumPy on the CPU, or CuPy on a GPU (simulated ranks share "
+                          "one GPU; MPI ranks take a GPU by node-local rank). bf16 needs gpu")
+    run.add_argument("--kernels", choices=("fused", "matmul"), default="fused",
+                     help="with --device gpu: the fused flash-attention kernels, or cuBLAS tiles (the baseline; "
+                          "fp64 and head dims over 128 always use it)")
     add_problem_options(run, seq=16384, causal=True)
     run.add_argument("--seed", type=int, default=0, help="seed of the inputs (values depend on seed and position only)")
     run.add_argument("--backward", action="store_true", help="also run the backward ring and check dq, dk, dv")
@@ -108,6 +116,11 @@ def count_tiles(layout, mask, block_q, block_k, ranks):
                           block_q, block_k).computed for r in ranks for t in range(layout.P))
 
 
+def _oracle_input(x):
+    """Inputs as the float64 oracle takes them: bfloat16 widened to float32 (exactly)."""
+    return x.astype(np.float32) if x is not None and x.dtype == validate.BFLOAT16 else x
+
+
 def _load_shard(args, name, rank, shape, dtype):
     if args.input is None:
         B, Hq, Hkv, D = shape
@@ -119,37 +132,43 @@ def _load_shard(args, name, rank, shape, dtype):
     return np.load(path, mmap_mode="r")
 
 
-def run_rank(comm, args, on_tile=None):
-    """One rank of the main job. Returns the summary dict (complete on rank 0)."""
+def run_rank(comm, args, engine, on_tile=None):
+    """One rank of the main job on ``engine`` (``comm`` already wrapped by it). Returns the summary dict
+    (complete on rank 0)."""
     r, P = comm.rank, comm.size
     dtype = DTYPES[args.dtype]
     shape = (args.batch, args.heads, args.kv_heads or args.heads, args.dim)
     q, k, v = (_load_shard(args, name, r, shape, dtype) for name in ("q", "k", "v"))
     dout = _load_shard(args, "dout", r, shape, dtype) if args.backward else None
-    opts = dict(causal=args.causal, block_q=args.block_q, block_k=args.block_k, on_tile=on_tile)
+    on_engine = [engine.asarray(x) for x in (q, k, v)]
+    opts = dict(causal=args.causal, block_q=args.block_q, block_k=args.block_k, on_tile=on_tile, engine=engine)
     comm.barrier()
     t0 = time.perf_counter()
-    fwd = ring_attention(q, k, v, comm, **opts)
+    fwd = ring_attention(*on_engine, comm, **opts)
     t1 = time.perf_counter()
-    bwd = ring_attention_backward(q, k, v, fwd.out, fwd.lse, dout, comm, **opts) if args.backward else None
+    bwd = None
+    if args.backward:
+        bwd = ring_attention_backward(*on_engine, fwd.out, fwd.lse, engine.asarray(dout), comm, **opts)
     t2 = time.perf_counter()
+    results = dict(out=fwd.out, lse=fwd.lse, **({"dq": bwd.dq, "dk": bwd.dk, "dv": bwd.dv} if bwd else {}))
+    results = {name: engine.to_host(x) for name, x in results.items()}
     if args.output is not None:
         os.makedirs(args.output, exist_ok=True)
-        results = dict(out=fwd.out, lse=fwd.lse, **({"dq": bwd.dq, "dk": bwd.dk, "dv": bwd.dv} if bwd else {}))
         for name, x in results.items():
             np.save(os.path.join(args.output, f"{name}.{r}.npy"), x)
+    q, k, v, dout = (_oracle_input(x) for x in (q, k, v, dout))
 
     layout, scale = args.layout, 1.0 / np.sqrt(args.dim)
     B, Hq, Hkv, _ = shape
     full = B * Hq * layout.N ** 2 <= FULL_CHECK_SCORES
     if full:
-        everything = comm.allgather((q, k, v, dout, fwd.out, fwd.lse) + ((bwd.dq, bwd.dk, bwd.dv) if bwd else ()))
+        everything = comm.allgather((q, k, v, dout) + tuple(results.values()))
         errors = _full_errors(everything, layout, args.causal, scale) if r == 0 else {}
         rows = layout.N
     else:
         sampled = check.sample_rows(layout, args.samples, args.seed)
-        errors = check.sampled_errors(comm, sampled, layout.positions(r), q, k, v, fwd.out, fwd.lse,
-                                      causal=args.causal, scale=scale, dout=dout, dq=bwd.dq if bwd else None)
+        errors = check.sampled_errors(comm, sampled, layout.positions(r), q, k, v, results["out"], results["lse"],
+                                      causal=args.causal, scale=scale, dout=dout, dq=results.get("dq"))
         rows = len(sampled)
     stats = comm.allgather(dict(trace=fwd.trace + (bwd.trace if bwd else []),
                                 peak=max(fwd.peak_bytes, bwd.peak_bytes if bwd else 0),
@@ -159,7 +178,8 @@ def run_rank(comm, args, on_tile=None):
         return None
     tolerance = check.TOLERANCE[np.dtype(dtype).name]
     return dict(
-        transport=args.transport, ranks=P, seq=layout.N, batch=B, heads=Hq, kv_heads=Hkv, dim=args.dim,
+        transport=args.transport, ranks=P, **engine.describe(), seq=layout.N, batch=B, heads=Hq, kv_heads=Hkv,
+        dim=args.dim,
         dtype=args.dtype, causal=args.causal, block_q=args.block_q, block_k=args.block_k, seed=args.seed,
         backward=args.backward,
         time_s=dict(forward=max(s["forward_s"] for s in stats),
@@ -212,7 +232,12 @@ def report(summary, out=None):
     w = (out or sys.stdout).write
     w(f"ring attention: {s['transport']} ranks={s['ranks']}  N={s['seq']} B={s['batch']} Hq={s['heads']} "
       f"Hkv={s['kv_heads']} D={s['dim']} {s['dtype']} {'causal' if s['causal'] else 'full'}  "
-      f"tiles {s['block_q']}x{s['block_k']}\n\n")
+      f"tiles {s['block_q']}x{s['block_k']}\n")
+    if s["engine"] != "numpy":
+        w(f"engine: {s['engine']} on {s['device']}, kernels {s['kernels']}\n")
+    if s.get("messages"):
+        w(f"messages: {s['messages']['path']} ({s['messages']['reason']})\n")
+    w("\n")
     for phase in ("forward", "backward"):
         recs = [x for x in s["trace"] if x["phase"] == phase]
         if not recs:
@@ -252,6 +277,19 @@ def _launched_size():
     return launched_world_size()
 
 
+def _engine(args):
+    """The engine class of ``--device`` (and ``--kernels``), or a usage error saying what is missing."""
+    if args.device == "cpu":
+        if args.dtype == "bf16":
+            parser().error("--dtype bf16 needs --device gpu (the CPU reference takes fp16, fp32 and fp64)")
+        return NumpyEngine
+    try:
+        from gpu.engine import CupyEngine
+    except ImportError as exc:
+        parser().error(f"--device gpu needs CuPy and a CUDA GPU ({exc}); install with: pip install 'ringattn[gpu]'")
+    return CupyEngine.configured(kernels=args.kernels)
+
+
 def main(argv=None):
     args = parser().parse_args(argv)
     mpi_size = _launched_size()          # 1: not an MPI job of several ranks; 0: launched, size unknown
@@ -259,11 +297,15 @@ def main(argv=None):
     args.kv_heads = args.kv_heads or args.heads
     if args.heads % args.kv_heads:
         parser().error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    engine = _engine(args)
     comm = None
     if args.transport == "mpi":
         from .comm.mpi import MPIComm, install_abort_hook
         comm = MPIComm()
         install_abort_hook(comm)
+        if args.device == "gpu":
+            from gpu.device import select_device
+            select_device(comm)
     P = comm.size if comm is not None else args.ranks
     if P > args.seq:
         parser().error(f"{P} ranks exceed --seq {args.seq}: every rank needs at least one token")
@@ -274,12 +316,16 @@ def main(argv=None):
         show = comm.rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty())
         progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, [comm.rank])
                             * (2 if args.backward else 1), show)
-        summary = run_rank(comm, args, progress)
+        rank_engine = engine()
+        summary = run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
     else:
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, range(P))
                             * (2 if args.backward else 1), show)
-        summary = SimWorld(P, args.timeout).run(lambda comm: run_rank(comm, args, progress))[0]
+        def rank_main(comm):
+            rank_engine = engine()
+            return run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
+        summary = engine.sim_world(P, args.timeout).run(rank_main)[0]
     progress.close()
     if summary is None:
         return 0

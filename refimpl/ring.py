@@ -18,6 +18,9 @@ into a scratch buffer, adds the two, and passes the sum on. After P steps every 
 every rank and arrives back at the rank that owns its K/V, complete. (At step 0 there is nothing to
 receive: the rank computes its contribution to its own shard straight into the accumulator.)
 
+Where the arrays live and how a step's tiles are computed is the ``engine``'s business (``engine.py``): the
+NumPy engine by default, a CuPy one from ``gpu/``. The loop below is the same for both.
+
 The message protocol (what travels, sizes, tags and order) is in ``specs/protocol.md``.
 """
 
@@ -26,8 +29,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import tile, validate
-from .blockwise import BLOCK_K, BLOCK_Q, attend_shard, attend_shard_backward, row_terms
+from . import validate
+from .blockwise import BLOCK_K, BLOCK_Q
+from .engine import NumpyEngine
 from .layouts import Contiguous
 from .masks import mask_for
 from .schedule import (BACKWARD_DKV, BACKWARD_KV, FORWARD_KV, StepRecord, kv_source, recv_from, send_to,
@@ -36,17 +40,17 @@ from .schedule import (BACKWARD_DKV, BACKWARD_KV, FORWARD_KV, StepRecord, kv_sou
 
 @dataclass
 class ShardForward:
-    out: np.ndarray          # (B, n, Hq, D), q's dtype
-    lse: np.ndarray          # (B, Hq, n), accumulation dtype
+    out: object              # (B, n, Hq, D), q's dtype, an array of the engine (numpy.ndarray by default)
+    lse: object              # (B, Hq, n), accumulation dtype
     trace: list              # StepRecord per step
     peak_bytes: int          # bytes of the arrays this rank held at once (inputs, buffers, one tile)
 
 
 @dataclass
 class ShardBackward:
-    dq: np.ndarray           # (B, n, Hq, D)
-    dk: np.ndarray           # (B, n, Hkv, D)
-    dv: np.ndarray           # (B, n, Hkv, D)
+    dq: object               # (B, n, Hq, D)
+    dk: object               # (B, n, Hkv, D)
+    dv: object               # (B, n, Hkv, D)
     trace: list
     peak_bytes: int
 
@@ -58,11 +62,11 @@ class _Ring:
     the same error when any rank's input is bad, and no rank starts a ring its peers will not join.
     """
 
-    def __init__(self, comm, q, k, v, causal, scale, block_q, block_k, backward=None):
+    def __init__(self, comm, engine, q, k, v, causal, scale, block_q, block_k, backward=None):
         def local():
-            B, n, Hq, Hkv, D = validate.check_qkv(q, k, v)
+            B, n, Hq, Hkv, D = validate.check_qkv(q, k, v, engine)
             if backward is not None:
-                validate.check_backward(*backward, q, (B, n, Hq, D))
+                validate.check_backward(*backward, q, (B, n, Hq, D), engine)
             settings = (B, Hq, Hkv, D, q.dtype.str, bool(causal), validate.check_scale(scale, D),
                         validate.check_block("block_q", block_q), validate.check_block("block_k", block_k))
             return settings, n
@@ -73,7 +77,7 @@ class _Ring:
             raise ValueError("ranks disagree on (B, Hq, Hkv, D, dtype, causal, scale, block_q, block_k): "
                              + ", ".join(f"rank {r}: {s}" for r, s in enumerate(settings)))
         lengths = [e[1] for e in everyone]
-        self.P, self.rank = comm.size, comm.rank
+        self.P, self.rank, self.engine = comm.size, comm.rank, engine
         self.layout = Contiguous(sum(lengths), self.P)
         for r, n in enumerate(lengths):
             if n != self.layout.length(r):
@@ -87,7 +91,7 @@ class _Ring:
 
     def buffer(self, dtype):
         """A flat buffer big enough for the largest (2, B, n, Hkv, D) K/V (or dK/dV) message."""
-        return np.empty(2 * self.B * self.n_max * self.Hkv * self.D, dtype)
+        return self.engine.empty(2 * self.B * self.n_max * self.Hkv * self.D, dtype)
 
     def rotate(self, comm, bufs, current, step, kind):
         """Post step ``step``'s K/V exchange: ``current`` goes on to rank + 1 while the shard for step + 1
@@ -118,19 +122,21 @@ def _nbytes(*arrays):
     return sum(a.nbytes for a in arrays)
 
 
-def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K, on_tile=None):
+def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, block_k=BLOCK_K, on_tile=None,
+                   engine=None):
     """Forward ring attention on this rank.
 
     q (B, n, Hq, D), k and v (B, n, Hkv, D): this rank's shard of the contiguous layout (rank r holds
-    tokens starting at the sum of the lower ranks' lengths). Every rank of ``comm`` must call this
-    together. Returns a ``ShardForward`` with out (B, n, Hq, D) and lse (B, Hq, n) for this shard.
+    tokens starting at the sum of the lower ranks' lengths), as arrays of ``engine`` (default: a new
+    ``NumpyEngine``). Every rank of ``comm`` must call this together. Returns a ``ShardForward`` with
+    out (B, n, Hq, D) and lse (B, Hq, n) for this shard.
     """
-    ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k)
+    engine = NumpyEngine() if engine is None else engine
+    ring = _Ring(comm, engine, q, k, v, causal, scale, block_q, block_k)
     P, r = ring.P, ring.rank
     tick = _between_tiles(comm, on_tile)
-    o = np.zeros(q.shape, ring.acc)
-    lse = np.full((ring.B, ring.Hq, len(ring.q_pos)), -np.inf, np.float64)   # float64: see tile.merge
-    ws = tile.Workspace(ring.acc)
+    o = engine.zeros(q.shape, ring.acc)
+    lse = engine.full((ring.B, ring.Hq, len(ring.q_pos)), -np.inf, np.float64)   # float64: see tile.merge
     bufs = [ring.buffer(k.dtype), ring.buffer(k.dtype)]
     current = ring.packed(bufs[0], r)
     current[0], current[1] = k, v
@@ -139,33 +145,33 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
         src = kv_source(r, step, P)
         following, requests = ring.rotate(comm, bufs, current, step, FORWARD_KV)
         t0 = time.perf_counter()
-        plan = attend_shard(o, lse, q, current[0], current[1], ring.q_pos, ring.layout.positions(src),
-                            ring.mask, ring.scale, ring.block_q, ring.block_k, ws, tick)
-        t1 = time.perf_counter()
+        plan = engine.attend(o, lse, q, current[0], current[1], ring.q_pos, ring.layout.positions(src),
+                             ring.mask, ring.scale, ring.block_q, ring.block_k, tick)
         comm.waitall(requests)
+        step_s, compute_s = time.perf_counter() - t0, engine.finish()
         trace.append(StepRecord("forward", step, r, r, src, plan.computed, plan.skipped,
-                                current.nbytes if requests else 0, t1 - t0, time.perf_counter() - t1))
+                                current.nbytes if requests else 0, compute_s, max(0.0, step_s - compute_s)))
         current = following
-    out, lse_out = o.astype(q.dtype, copy=False), lse.astype(ring.acc, copy=False)
-    peak = (_nbytes(q, k, v, o, lse, *bufs) + ws.nbytes + (0 if out is o else out.nbytes)
+    out, lse_out = engine.cast(o, q.dtype), engine.cast(lse, ring.acc)
+    peak = (_nbytes(q, k, v, o, lse, *bufs) + engine.workspace_bytes + (0 if out is o else out.nbytes)
             + (0 if lse_out is lse else lse_out.nbytes))
     return ShardForward(out, lse_out, trace, peak)
 
 
 def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scale=None, block_q=BLOCK_Q,
-                            block_k=BLOCK_K, on_tile=None):
+                            block_k=BLOCK_K, on_tile=None, engine=None):
     """Backward ring attention on this rank.
 
     q, k, v as for ``ring_attention``; out (B, n, Hq, D) and lse (B, Hq, n) are what it returned on this
     rank (out in q's dtype, lse in the accumulation dtype); dout (B, n, Hq, D) in q's dtype. Returns a
     ``ShardBackward`` with dq, dk, dv for this rank's shard, in the input dtype.
     """
-    ring = _Ring(comm, q, k, v, causal, scale, block_q, block_k, backward=(out, dout, lse))
+    engine = NumpyEngine() if engine is None else engine
+    ring = _Ring(comm, engine, q, k, v, causal, scale, block_q, block_k, backward=(out, dout, lse))
     P, r, acc = ring.P, ring.rank, ring.acc
     tick = _between_tiles(comm, on_tile)
-    delta, lse_safe = row_terms(out, dout, lse, ring.block_q)
-    dq = np.zeros(q.shape, acc)
-    ws = tile.Workspace(acc)
+    delta, lse_safe = engine.row_terms(out, dout, lse, ring.block_q)
+    dq = engine.zeros(q.shape, acc)
     kv_bufs = [ring.buffer(k.dtype), ring.buffer(k.dtype)]
     grad_bufs = [ring.buffer(acc), ring.buffer(acc)]      # the travelling dK/dV accumulators
     scratch = ring.buffer(acc)                             # this rank's contribution at one step
@@ -185,10 +191,9 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
             local = ring.packed(scratch, src)
             local[...] = 0
         t0 = time.perf_counter()
-        plan = attend_shard_backward(dq, local[0], local[1], q, current[0], current[1], dout, lse_safe, delta,
-                                     ring.q_pos, ring.layout.positions(src), ring.mask, ring.scale,
-                                     ring.block_q, ring.block_k, ws, tick)
-        t1 = time.perf_counter()
+        plan = engine.attend_backward(dq, local[0], local[1], q, current[0], current[1], dout, lse_safe, delta,
+                                      ring.q_pos, ring.layout.positions(src), ring.mask, ring.scale,
+                                      ring.block_q, ring.block_k, tick)
         if step > 0:
             comm.wait(grad_recv)
             grad += local
@@ -196,15 +201,16 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
             comm.wait(grad_send)          # frees the other accumulator buffer for the next receive
         grad_send = comm.isend(grad, send_to(r, P), tag(BACKWARD_DKV, step))
         comm.waitall(requests)
+        step_s, compute_s = time.perf_counter() - t0, engine.finish()
         trace.append(StepRecord("backward", step, r, r, src, plan.computed, plan.skipped,
-                                grad.nbytes + (current.nbytes if requests else 0), t1 - t0,
-                                time.perf_counter() - t1))
+                                grad.nbytes + (current.nbytes if requests else 0), compute_s,
+                                max(0.0, step_s - compute_s)))
         current = following
     mine = ring.packed(grad_bufs[P % 2], r)
     comm.wait(comm.irecv(mine, recv_from(r, P), tag(BACKWARD_DKV, P - 1)))
     comm.wait(grad_send)
-    dk, dv = mine[0].astype(k.dtype), mine[1].astype(v.dtype)
-    dq_out = dq.astype(q.dtype, copy=False)
+    dk, dv = engine.cast(mine[0], k.dtype, copy=True), engine.cast(mine[1], v.dtype, copy=True)
+    dq_out = engine.cast(dq, q.dtype)
     peak = (_nbytes(q, k, v, out, lse, dout, delta, lse_safe, dq, scratch, *kv_bufs, *grad_bufs)
-            + ws.nbytes + _nbytes(dk, dv) + (0 if dq_out is dq else dq_out.nbytes))
+            + engine.workspace_bytes + _nbytes(dk, dv) + (0 if dq_out is dq else dq_out.nbytes))
     return ShardBackward(dq_out, dk, dv, trace, peak)

@@ -4,6 +4,10 @@ It shards the inputs with the contiguous layout, runs ``ring_attention`` (and, g
 ``ring_attention_backward``) on P threads over the in-process communicator, and puts the shards back in
 natural token order. The per-rank functions are exactly the ones ``mpiexec`` runs, so the simulation and
 an MPI run of the same P produce bitwise-identical results.
+
+``engine`` is an engine class, instantiated once per rank on that rank's thread (``refimpl/engine.py``):
+``NumpyEngine`` by default; ``gpu.CupyEngine`` runs every rank on one GPU, each on its own stream, and
+its ``sim_world`` moves device arrays between them.
 """
 
 import threading
@@ -14,21 +18,22 @@ import numpy as np
 
 from . import validate
 from .blockwise import BLOCK_K, BLOCK_Q
-from .comm.sim import SimWorld
+from .engine import NumpyEngine
 from .layouts import Contiguous
 from .ring import ring_attention, ring_attention_backward
 
 
 @dataclass
 class RingResult:
-    out: np.ndarray                       # (B, N, Hq, D), q's dtype, natural order
-    lse: np.ndarray                       # (B, Hq, N), accumulation dtype
+    """Arrays of the engine's kind: numpy.ndarray for the NumPy engine, cupy.ndarray for a GPU one."""
+    out: object                           # (B, N, Hq, D), q's dtype, natural order
+    lse: object                           # (B, Hq, N), accumulation dtype
     trace: list                           # StepRecord for every (phase, step, rank)
     peak_bytes: list                      # per rank, the bytes of the arrays it held at once
     bytes_sent: list                      # per rank, bytes of all messages it sent
-    dq: Optional[np.ndarray] = None       # given dout: (B, N, Hq, D)
-    dk: Optional[np.ndarray] = None       # (B, N, Hkv, D)
-    dv: Optional[np.ndarray] = None
+    dq: Optional[object] = None           # given dout: (B, N, Hq, D)
+    dk: Optional[object] = None           # (B, N, Hkv, D)
+    dv: Optional[object] = None
 
 
 class _TileCounter:
@@ -44,17 +49,19 @@ class _TileCounter:
 
 
 def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_q=BLOCK_Q, block_k=BLOCK_K,
-                  timeout=600.0, progress=None):
+                  timeout=600.0, progress=None, engine=NumpyEngine):
     """Ring attention over ``ranks`` simulated ranks.
 
-    q (B, N, Hq, D), k and v (B, N, Hkv, D); dout (B, N, Hq, D) optional. Returns a ``RingResult``.
-    ``progress``, if given, is called with the running count of tiles computed over all ranks.
-    ``timeout`` bounds any single wait on a message (deadlocks are reported at once regardless).
+    q (B, N, Hq, D), k and v (B, N, Hkv, D); dout (B, N, Hq, D) optional; host arrays, or arrays of the
+    engine. Returns a ``RingResult``. ``progress``, if given, is called with the running count of tiles
+    computed over all ranks. ``timeout`` bounds any single wait on a message (deadlocks are reported at
+    once regardless). ``engine()`` makes one rank's engine, and its class attributes ``array_type``,
+``dtypes`` and ``first_nonfinite`` say which inputs it takes; ``world(P, timeout)`` makes the world.
     """
-    B, N, Hq, Hkv, D = validate.check_qkv(q, k, v)
+    B, N, Hq, Hkv, D = validate.check_qkv(q, k, v, engine)
     P = validate.check_ranks(ranks, N)
     if dout is not None:
-        validate.check_like("dout", dout, (B, N, Hq, D))
+        validate.check_like("dout", dout, (B, N, Hq, D), engine=engine)
         if dout.dtype != q.dtype:
             raise TypeError(f"dout must have q's dtype {q.dtype}, got {dout.dtype}")
     layout = Contiguous(N, P)
@@ -62,15 +69,18 @@ def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_
     options = dict(causal=causal, scale=scale, block_q=block_q, block_k=block_k, on_tile=on_tile)
 
     def rank_main(comm):
-        shard = [layout.shard(x, comm.rank) for x in (q, k, v)]
-        forward = ring_attention(*shard, comm, **options)
+        eng = engine()
+        comm = eng.wrap(comm)
+        shard = [eng.asarray(layout.shard(x, comm.rank)) for x in (q, k, v)]
+        forward = ring_attention(*shard, comm, engine=eng, **options)
         backward = None
         if dout is not None:
-            backward = ring_attention_backward(*shard, forward.out, forward.lse, layout.shard(dout, comm.rank),
-                                               comm, **options)
+            backward = ring_attention_backward(*shard, forward.out, forward.lse,
+                                               eng.asarray(layout.shard(dout, comm.rank)), comm, engine=eng,
+                                               **options)
         return forward, backward, comm.bytes_sent
 
-    results = SimWorld(P, timeout).run(rank_main)
+    results = engine.sim_world(P, timeout).run(rank_main)
     forwards = [f for f, _, _ in results]
     result = RingResult(
         out=layout.unshard([f.out for f in forwards]),
@@ -82,3 +92,4 @@ def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_
         result.dq, result.dk, result.dv = (layout.unshard([getattr(b, g) for _, b, _ in results])
                                            for g in ("dq", "dk", "dv"))
     return result
+

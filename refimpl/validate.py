@@ -13,13 +13,23 @@ Shapes (see ``specs/conventions.md``)::
 
 Non-finite input (NaN or +-inf in q, k, v, out or dout) is rejected with a ``ValueError`` that names the
 argument and the first bad index: an oracle must never turn garbage in into plausible numbers out.
+
+The checks take an optional ``engine`` (``refimpl/engine.py``): the array type and dtypes it accepts, and
+its ``first_nonfinite``. Without one they check host NumPy arrays, as every CPU entry point does.
 """
 
 import math
 
 import numpy as np
 
+try:                                    # bfloat16 for NumPy comes from ml_dtypes (the `gpu` extra installs it)
+    from ml_dtypes import bfloat16 as _bfloat16
+    BFLOAT16 = np.dtype(_bfloat16)
+except ImportError:
+    BFLOAT16 = None
+
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+INPUT_DTYPES = FLOAT_DTYPES + ((BFLOAT16,) if BFLOAT16 is not None else ())
 
 
 def accumulation_dtype(dtype):
@@ -27,40 +37,56 @@ def accumulation_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def check_array(name, x, ndim):
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must have a float16, float32 or float64 dtype, got {x.dtype}")
+def _type_name(t):
+    if isinstance(t, tuple):
+        return " or ".join(_type_name(one) for one in t)
+    return f"{t.__module__.split('.')[0]}.{t.__name__}"
+
+
+def check_array(name, x, ndim, engine=None):
+    array_type = np.ndarray if engine is None else engine.array_type
+    dtypes = FLOAT_DTYPES if engine is None else engine.dtypes
+    if not isinstance(x, array_type):
+        raise TypeError(f"{name} must be a {_type_name(array_type)}, got {type(x).__name__}")
+    if x.dtype not in dtypes:
+        names = [np.dtype(d).name for d in dtypes]
+        raise TypeError(f"{name} must have a {', '.join(names[:-1])} or {names[-1]} dtype, got {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {x.shape}")
 
 
-def check_finite(name, x):
-    """Reject NaN and +-inf. One float64 reduction finds them; the exact scan runs only if it trips."""
+def first_nonfinite(x):
+    """Index of the first NaN or +-inf in a host array, or None. One float64 reduction decides; the exact
+    scan runs only if it trips."""
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.sum(x, dtype=np.float64)
     if math.isfinite(total):
-        return
+        return None
     bad = np.argwhere(~np.isfinite(x))
-    if len(bad):
-        raise ValueError(f"{name} contains non-finite values (first at index {tuple(int(i) for i in bad[0])}); "
+    return tuple(int(i) for i in bad[0]) if len(bad) else None
+
+
+def check_finite(name, x, engine=None):
+    """Reject NaN and +-inf, naming the argument and the first bad index."""
+    bad = (first_nonfinite if engine is None else engine.first_nonfinite)(x)
+    if bad is not None:
+        raise ValueError(f"{name} contains non-finite values (first at index {bad}); "
                          "NaN and inf inputs are rejected, see specs/conventions.md")
 
 
-def check_lse(name, lse, shape, dtype):
+def check_lse(name, lse, shape, dtype, engine=None):
     """lse may hold -inf (rows that see no key) but never NaN or +inf, and must be in ``dtype``."""
-    check_like(name, lse, shape, dtype)
-    bad = np.argwhere(np.isnan(lse) | np.isposinf(lse))
+    check_like(name, lse, shape, dtype, engine)
+    bad = np.argwhere(np.isnan(lse) | (lse == np.inf))
     if len(bad):
         raise ValueError(f"{name} contains NaN or +inf (first at index {tuple(int(i) for i in bad[0])}); "
                          "only -inf, for rows that see no key, is allowed")
 
 
-def check_qkv(q, k, v):
+def check_qkv(q, k, v, engine=None):
     """Validate q (B, N, Hq, D), k and v (B, N, Hkv, D). Returns (B, N, Hq, Hkv, D)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_array(name, x, 4)
+        check_array(name, x, 4, engine)
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if k.shape != v.shape:
@@ -78,22 +104,22 @@ def check_qkv(q, k, v):
     if Hq % Hkv:
         raise ValueError(f"q has {Hq} heads, which is not a multiple of the {Hkv} heads of k and v (Hq % Hkv must be 0)")
     for name, x in (("q", q), ("k", k), ("v", v)):
-        check_finite(name, x)
+        check_finite(name, x, engine)
     return B, N, Hq, Hkv, D
 
 
-def check_backward(out, dout, lse, q, Hq_shape):
+def check_backward(out, dout, lse, q, Hq_shape, engine=None):
     """The extra inputs of a backward: out and dout like q (its dtype, finite), lse in the accumulation dtype."""
     B, n, Hq, D = Hq_shape
     for name, x in (("out", out), ("dout", dout)):
-        check_like(name, x, (B, n, Hq, D), q.dtype)
-        check_finite(name, x)
-    check_lse("lse", lse, (B, Hq, n), accumulation_dtype(q.dtype))
+        check_like(name, x, (B, n, Hq, D), q.dtype, engine)
+        check_finite(name, x, engine)
+    check_lse("lse", lse, (B, Hq, n), accumulation_dtype(q.dtype), engine)
 
 
-def check_like(name, x, shape, dtype=None):
+def check_like(name, x, shape, dtype=None, engine=None):
     """Validate an array that must match a known shape (out, dout, lse, or a received shard)."""
-    check_array(name, x, len(shape))
+    check_array(name, x, len(shape), engine)
     if x.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {x.shape}")
     if dtype is not None and x.dtype != dtype:

@@ -196,8 +196,10 @@ class MPIComm(Comm):
 
     # -- point to point -----------------------------------------------------------------------------
     def _check(self, kind, buf, peer):
-        if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-            raise CommError(f"rank {self.rank}: {kind} buffer must be a C-contiguous numpy array")
+        device = hasattr(buf, "__cuda_array_interface__")     # a CUDA-aware MPI takes device arrays as they are
+        if not (isinstance(buf, np.ndarray) or device) or not buf.flags.c_contiguous:
+            raise CommError(f"rank {self.rank}: {kind} buffer must be a C-contiguous numpy array "
+                            "(or a device array, for a CUDA-aware MPI)")
         if isinstance(peer, bool) or not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size:
             raise CommError(f"rank {self.rank}: peer rank {peer} is outside 0..{self.size - 1}")
 
@@ -209,7 +211,7 @@ class MPIComm(Comm):
 
     def irecv(self, buf, source, tag):
         self._check("recv", buf, source)
-        if not buf.flags.writeable:
+        if isinstance(buf, np.ndarray) and not buf.flags.writeable:
             raise CommError(f"rank {self.rank}: receive buffer is read-only")
         request = self.comm.Irecv([buf, self.MPI.BYTE], int(source), tag)
         return _Request(request, "recv", buf, self.rank, int(source), tag)

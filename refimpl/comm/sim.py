@@ -35,11 +35,20 @@ class _Request:
         return f"rank {self.rank} waits to {verb} rank {self.peer}: tag {self.tag} ({describe_tag(self.tag)})"
 
 
-class SimWorld:
-    """The shared state of P simulated ranks. ``run(fn)`` calls ``fn(comm)`` on P threads."""
+def _host_copy(dst, src):
+    np.copyto(dst.reshape(-1), src.reshape(-1))
 
-    def __init__(self, size, timeout=600.0):
+
+class SimWorld:
+    """The shared state of P simulated ranks. ``run(fn)`` calls ``fn(comm)`` on P threads.
+
+    Messages are NumPy arrays by default. ``array_type`` and ``copy(dst, src)`` let the ranks exchange
+    other arrays: ``gpu.sim_world`` passes device arrays and a copy that is complete when it returns.
+    """
+
+    def __init__(self, size, timeout=600.0, *, array_type=np.ndarray, copy=_host_copy):
         self.size, self.timeout = size, timeout
+        self._array_type, self._copy = array_type, copy
         self._cv = threading.Condition()
         self._pending = {}                # (src, dst, tag) -> deque of unmatched requests, all one kind
         self._waiting = {}                # rank -> description of what it is blocked on
@@ -53,8 +62,9 @@ class SimWorld:
 
     # -- point to point ---------------------------------------------------------------------------
     def _post(self, kind, buf, rank, peer, tag):
-        if not isinstance(buf, np.ndarray) or not buf.flags.c_contiguous:
-            raise CommError(f"rank {rank}: {kind} buffer must be a C-contiguous numpy array")
+        if not isinstance(buf, self._array_type) or not buf.flags.c_contiguous:
+            raise CommError(f"rank {rank}: {kind} buffer must be a C-contiguous "
+                            f"{self._array_type.__module__.split('.')[0]} array")
         if not 0 <= peer < self.size:
             raise CommError(f"rank {rank}: peer rank {peer} is outside 0..{self.size - 1}")
         req = _Request(kind, buf, rank, peer, tag)
@@ -75,7 +85,7 @@ class SimWorld:
                               f"({describe_tag(tag)}) is {send.buf.nbytes} bytes of {send.buf.dtype}, "
                               f"but the receive buffer is {recv.buf.nbytes} bytes of {recv.buf.dtype}")
         else:
-            np.copyto(recv.buf.reshape(-1), send.buf.reshape(-1))
+            self._copy(recv.buf, send.buf)
         with self._cv:
             send.done = recv.done = True
             send.error = recv.error = error

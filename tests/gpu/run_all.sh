@@ -15,7 +15,10 @@ shift
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 VENV=${RINGATTN_GPU_VENV:-/tmp/ringattn-gpu-venv}
-python3 -m venv --system-site-packages "$VENV" || exit 1
+python3 -m venv "$VENV" || exit 1
+# The venv sees every package of this python3 (itself often a venv, which --system-site-packages misses).
+python3 -c "import site, sys; print('\n'.join(site.getsitepackages() + [p for p in sys.path if p.endswith('site-packages')]))" \
+    > "$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/parent.pth"
 if ls .whl/mpich-*.whl >/dev/null 2>&1; then
     "$VENV/bin/python" -m pip install -q --no-index --no-deps .whl/mpich-*.whl .whl/mpi4py-*.whl || exit 1
 else

@@ -35,6 +35,7 @@ import numpy as np                     # noqa: E402
 import refimpl                         # noqa: E402
 from gpu import kernels                # noqa: E402
 from gpu.engine import CupyEngine      # noqa: E402
+from gpu.kernels import FORWARD        # noqa: E402
 from refimpl import validate           # noqa: E402
 from refimpl.masks import mask_for     # noqa: E402
 
@@ -57,7 +58,9 @@ def bf16(x32):
 
 
 def random_bf16(shape, seed):
-    return bf16(cp.random.default_rng(seed).standard_normal(shape, dtype=cp.float32))
+    x = bf16(cp.random.default_rng(seed).standard_normal(shape, dtype=cp.float32))
+    cp.cuda.Device().synchronize()          # torch and other engines' streams read it next
+    return x
 
 
 def median_ms(fn, repeats, stream, warmup=1):
@@ -98,8 +101,8 @@ def flops(N, H, D, causal, backward=False):
 class Kernels:
     """One rank's fused (or cuBLAS-tile) forward and backward over the whole sequence, plans cached."""
 
-    def __init__(self, q, k, v, dout, causal, kernels_name, block):
-        self.engine = CupyEngine(kernels=kernels_name)
+    def __init__(self, q, k, v, dout, causal, kernels_name, block, forward=None):
+        self.engine = CupyEngine(kernels=kernels_name, forward=forward)
         self.q, self.k, self.v, self.dout = q, k, v, dout
         B, N, H, D = q.shape
         self.pos = np.arange(N, dtype=np.int64)
@@ -188,15 +191,26 @@ def check_then_time(torch, N, H, D, causal, repeats, matmul_max_n):
     row["fused_fwdbwd_ms"] = median_ms(fused.forward_backward, repeats, fused.engine.stream)
     row["sdpa_fwd_ms"] = median_ms_torch(torch, lambda: sdpa(torch, tq, tk, tv, tdo, causal, False), repeats)
     row["sdpa_fwdbwd_ms"] = median_ms_torch(torch, lambda: sdpa(torch, tq, tk, tv, tdo, causal, True), repeats)
+    for version in FORWARD:                      # the forward kernel's versions, each checked by the tests
+        other = Kernels(q, k, v, dout, causal, "fused", 512, forward=version)
+        row[f"fused_{version}_fwd_ms"] = median_ms(other.forward, repeats, other.engine.stream)
+    with_backend = getattr(torch.nn, "attention", None)
+    if with_backend is not None:                 # SDPA's backends one by one: which one is the baseline
+        for backend in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION"):
+            try:
+                with with_backend.sdpa_kernel(getattr(with_backend.SDPBackend, backend)):
+                    row[f"sdpa_{backend.lower()}_fwd_ms"] = median_ms_torch(
+                        torch, lambda: sdpa(torch, tq, tk, tv, tdo, causal, False), repeats)
+            except Exception as exc:             # noqa: BLE001 - a backend that cannot run this case
+                row[f"sdpa_{backend.lower()}_fwd"] = f"unavailable: {type(exc).__name__}"
     if N <= matmul_max_n:
         plain = Kernels(q, k, v, dout, causal, "matmul", 2048)
         row["matmul_fwd_ms"] = median_ms(plain.forward, max(2, repeats // 2), plain.engine.stream)
         row["matmul_fwdbwd_ms"] = median_ms(plain.forward_backward, max(2, repeats // 2), plain.engine.stream)
     for what in ("fwd", "fwdbwd"):
         work = flops(N, H, D, causal, what == "fwdbwd")
-        for impl in ("fused", "sdpa", "matmul"):
-            if f"{impl}_{what}_ms" in row:
-                row[f"{impl}_{what}_tflops"] = work / (row[f"{impl}_{what}_ms"] * 1e-3) / 1e12
+        for key in [k[:-len(f"_{what}_ms")] for k in list(row) if k.endswith(f"_{what}_ms")]:
+            row[f"{key}_{what}_tflops"] = work / (row[f"{key}_{what}_ms"] * 1e-3) / 1e12
         row[f"fused_over_sdpa_{what}"] = row[f"fused_{what}_tflops"] / row[f"sdpa_{what}_tflops"]
     return row
 
@@ -260,7 +274,7 @@ def main():
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--matmul-max-n", type=int, default=16384, help="largest N for the cuBLAS-tile baseline")
-    p.add_argument("--ring-seq", type=int, default=16384)
+    p.add_argument("--ring-seqs", type=int, nargs="+", default=[16384, 65536])
     p.add_argument("--ring-ranks", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--million-heads", type=int, default=8)
     p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "ring", "million", "oracle"])
@@ -268,7 +282,8 @@ def main():
     p.add_argument("--json", default=None, help="also write every number to this file")
     args = p.parse_args()
     if args.quick:
-        args.seqs, args.repeats, args.skip = [4096, 16384], 3, args.skip + ["million", "oracle"]
+        args.seqs, args.repeats, args.ring_seqs = [4096, 16384], 3, [16384]
+        args.skip = args.skip + ["million", "oracle"]
     results = {"device": device_info(), "args": vars(args)}
     print(json.dumps(results["device"]))
     try:
@@ -279,8 +294,8 @@ def main():
     sections = {
         "kernels": lambda: [check_then_time(torch, N, args.heads, args.dim, causal, args.repeats, args.matmul_max_n)
                             for N in args.seqs for causal in (False, True)],
-        "ring": lambda: [ring_overhead(args.ring_seq, args.heads, args.dim, causal, args.ring_ranks,
-                                       max(2, args.repeats // 2)) for causal in (False, True)],
+        "ring": lambda: [ring_overhead(N, args.heads, args.dim, causal, args.ring_ranks, max(2, args.repeats // 2))
+                         for N in args.ring_seqs for causal in (False, True)],
         "million": lambda: million(args.million_heads, args.dim, 8),
         "oracle": lambda: oracle(1 << 20, 1, 64, 8192),
     }
@@ -324,6 +339,13 @@ def summary(results):
             print(f"| {r['N']} | {r['causal']} | {check} | {t('fused_fwd')} | {t('sdpa_fwd')} | "
                   f"{r['fused_over_sdpa_fwd']:.2f} | {t('matmul_fwd')} | {t('fused_fwdbwd')} | {t('sdpa_fwdbwd')} | "
                   f"{r['fused_over_sdpa_fwdbwd']:.2f} | {t('matmul_fwdbwd')} |")
+        keys = [k[:-7] for k in results["kernels"][0] if k.endswith("_fwd_ms") and k not in
+                ("fused_fwd_ms", "sdpa_fwd_ms", "matmul_fwd_ms")]
+        print("\nforward versions and SDPA backends, TF/s:\n| N | causal | " + " | ".join(keys) + " |")
+        print("|---|---|" + "---|" * len(keys))
+        for r in results["kernels"]:
+            print(f"| {r['N']} | {r['causal']} | " + " | ".join(
+                f"{r[k + '_fwd_tflops']:.0f}" if k + "_fwd_tflops" in r else "-" for k in keys) + " |")
     for r in results.get("ring", []):
         print(f"\nring on one GPU, N={r['N']} causal={r['causal']}: " + ", ".join(
             f"P={P} {s:.3f} s ({100 * r['overhead'][P]:+.1f}%)" for P, s in r["seconds"].items()))

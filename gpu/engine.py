@@ -25,6 +25,7 @@ from refimpl.schedule import plan_tiles
 
 from . import kernels, matmul
 from .device import CupyDevice, sim_world
+from .kernels import FORWARD
 from .plan import by_key_rows, by_query_rows
 from .transport import device_comm
 
@@ -59,10 +60,12 @@ class CupyEngine:
     first_nonfinite = staticmethod(first_nonfinite)
     sim_world = staticmethod(sim_world)
 
-    def __init__(self, kernels="fused"):
+    def __init__(self, kernels="fused", forward=None):
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        self.kernels = kernels
+        if forward is not None and forward not in FORWARD:
+            raise ValueError(f"forward must be one of {sorted(FORWARD)} or None, got {forward!r}")
+        self.kernels, self.forward = kernels, forward
         self.array_type = cp.ndarray        # what the ring takes: this rank's shards, on the device
         self.device = cp.cuda.Device()
         self.stream = cp.cuda.Stream(non_blocking=True)
@@ -82,6 +85,8 @@ class CupyEngine:
         props = cp.cuda.runtime.getDeviceProperties(self.device.id)
         name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         info = {"engine": self.name, "device": f"{name} (device {self.device.id})", "kernels": self.kernels}
+        if self.forward:
+            info["forward"] = self.forward
         if self.fallback:
             info["kernels"] = f"matmul ({self.fallback})"
         if self.transport is not None:
@@ -191,11 +196,13 @@ class CupyEngine:
         plan, cached = self._step(q_pos, k_pos, mask, block_q, block_k)
         self._begin()
         if self._use_fused(q, mask):
-            n_cta, cta, tiles = self._table(cached, "by_q", lambda: by_query_rows(plan, kernels.rows_per_cta()))
+            elem, D = q.dtype.name, q.shape[3]
+            version = self.forward or kernels.forward_default(elem)
+            rows = kernels.rows_per_cta(version)
+            n_cta, cta, tiles = self._table(cached, f"by_q{rows}", lambda: by_query_rows(plan, rows))
             if n_cta:
-                elem, D = q.dtype.name, q.shape[3]
-                smem = kernels.smem_bytes("flash_forward", elem, D)
-                f = kernels.function("flash_forward.cu", "flash_forward", elem, D, smem)
+                smem = kernels.smem_bytes("flash_forward", elem, D, version)
+                f = kernels.function("flash_forward.cu", "flash_forward", elem, D, smem, version)
                 B, nq, Hq, _ = q.shape
                 f((n_cta, B * Hq), (32 * kernels.NWARPS,),
                   (q, k, v, o, lse, cached["q_pos"], cached["k_pos"], cta, tiles, np.int32(nq),
@@ -223,13 +230,13 @@ class CupyEngine:
             positions = (cached["q_pos"], cached["k_pos"])
             sizes = (np.int32(nq), np.int32(nk), np.int32(Hq), np.int32(Hkv), np.int32(D), np.float32(scale),
                      np.int32(MASK_CODES[mask.name]))
-            n_cta, cta, tiles = self._table(cached, "by_q", lambda: by_query_rows(plan, rows))
+            n_cta, cta, tiles = self._table(cached, f"by_q{rows}", lambda: by_query_rows(plan, rows))
             if n_cta:
                 smem = kernels.smem_bytes("flash_backward_dq", elem, D)
                 f = kernels.function("flash_backward.cu", "flash_backward_dq", elem, D, smem)
                 f((n_cta, B * Hq), (32 * kernels.NWARPS,),
                   (q, k, v, dout, lse, delta, dq) + positions + (cta, tiles) + sizes, shared_mem=smem)
-            n_cta, cta, tiles = self._table(cached, "by_k", lambda: by_key_rows(plan, rows))
+            n_cta, cta, tiles = self._table(cached, f"by_k{rows}", lambda: by_key_rows(plan, rows))
             if n_cta:
                 smem = kernels.smem_bytes("flash_backward_dkdv", elem, D)
                 f = kernels.function("flash_backward.cu", "flash_backward_dkdv", elem, D, smem)

@@ -30,8 +30,8 @@
 #error "compile with -DNWARPS, -DBLOCK_N (keys per sub-tile) and -DBLOCK_Q (queries per dk/dv sub-tile)"
 #endif
 
-#if 16 * NWARPS > 64 || BLOCK_N > 64 || BLOCK_Q > 64 || BLOCK_N % 16 || BLOCK_Q % 16
-#error "tiles: 16 NWARPS, BLOCK_N and BLOCK_Q must be multiples of 16 of at most 64 (warp_range reads 64)"
+#if BLOCK_N % 16 || BLOCK_Q % 16
+#error "BLOCK_N and BLOCK_Q must be multiples of 16"
 #endif
 
 #define NTHREADS (32 * NWARPS)
@@ -106,13 +106,13 @@ __device__ __forceinline__ int classify(int mask, i64 qmin, i64 qmax, i64 kmin, 
     return KIND_PARTIAL;
 }
 
-// min and max of pos[lo .. hi) (at most 64 entries) over the warp; every lane gets the result.
+// min and max of pos[lo .. hi) over the warp; every lane gets the result.
 // An empty range gives (max, min) = (+big, -big), which classify() calls EMPTY under every real mask.
 __device__ __forceinline__ void warp_range(const i64* pos, int lo, int hi, i64& mn, i64& mx) {
     const int lane = threadIdx.x & 31;
     mn = 0x7fffffffffffffffLL;
     mx = -0x7fffffffffffffffLL;
-    for (int i = lo + lane; i < hi && i < lo + 64; i += 32) {
+    for (int i = lo + lane; i < hi; i += 32) {
         const i64 p = pos[i];
         mn = p < mn ? p : mn;
         mx = p > mx ? p : mx;
@@ -184,67 +184,88 @@ __device__ __forceinline__ void mma(float (&d)[4], const u32 (&a)[4], u32 b0, u3
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// C[16 x 8 NB] += A[16 x DP] . B^T. A: rows row0 .. row0+15 of a [.][LDS] tile; B: rows 0 .. 8 NB - 1.
-template <int NB>
-__device__ __forceinline__ void gemm_nt(float (&c)[NB][4], const elem_t* A, int row0, const elem_t* B) {
+// C[16 MT x 8 NB] += A[16 MT x DP] . B^T. A: rows row0 .. row0 + 16 MT - 1 of a [.][LDS] tile; B: rows
+// 0 .. 8 NB - 1. Each B fragment is loaded once and used for the MT row tiles.
+template <int MT, int NB>
+__device__ __forceinline__ void gemm_nt(float (&c)[MT][NB][4], const elem_t* A, int row0, const elem_t* B) {
     const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int ks = 0; ks < DP / 16; ++ks) {
-        u32 a[4];
-        ldsm_x4(a, A + (row0 + (lane & 15)) * LDS + ks * 16 + (lane >> 4) * 8);
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            ldsm_x4(a[mt], A + (row0 + 16 * mt + (lane & 15)) * LDS + ks * 16 + (lane >> 4) * 8);
 #pragma unroll
         for (int j = 0; j < NB; j += 2) {
             u32 b[4];
             ldsm_x4(b, B + (j * 8 + (lane >> 4) * 8 + (lane & 7)) * LDS + ks * 16 + ((lane >> 3) & 1) * 8);
-            mma(c[j], a, b[0], b[1]);
-            mma(c[j + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma(c[mt][j], a[mt], b[0], b[1]);
+                mma(c[mt][j + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
 
-// C[16 x DP] += P[16 x 8 NB] . B, P in C fragments (rounded to the element type for the tensor cores),
-// B: rows 0 .. 8 NB - 1 of a [.][LDS] tile, stored [k][n].
-template <int NB>
-__device__ __forceinline__ void gemm_nn(float (&c)[ND][4], const float (&p)[NB][4], const elem_t* B) {
+// C[16 MT x DP] += P[16 MT x 8 NB] . B, P in C fragments (rounded to the element type for the tensor
+// cores), B: rows 0 .. 8 NB - 1 of a [.][LDS] tile, stored [k][n].
+template <int MT, int NB>
+__device__ __forceinline__ void gemm_nn(float (&c)[MT][ND][4], const float (&p)[MT][NB][4], const elem_t* B) {
     const int lane = threadIdx.x & 31, m = lane >> 3;
 #pragma unroll
     for (int kk = 0; kk < NB / 2; ++kk) {
-        const u32 a[4] = {pack2(p[2 * kk][0], p[2 * kk][1]), pack2(p[2 * kk][2], p[2 * kk][3]),
-                          pack2(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+        u32 a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = pack2(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+            a[mt][1] = pack2(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+            a[mt][2] = pack2(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+            a[mt][3] = pack2(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+        }
 #pragma unroll
         for (int j = 0; j < ND; j += 2) {
             u32 b[4];
             ldsm_x4_trans(b, B + (kk * 16 + (m & 1) * 8 + (lane & 7)) * LDS + j * 8 + (m >> 1) * 8);
-            mma(c[j], a, b[0], b[1]);
-            mma(c[j + 1], a, b[2], b[3]);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma(c[mt][j], a[mt], b[0], b[1]);
+                mma(c[mt][j + 1], a[mt], b[2], b[3]);
+            }
         }
     }
 }
 
 #else
 // ---- float32 path: the same fragments, computed with FMA from shared memory -----------------------------
-template <int NB>
-__device__ __forceinline__ void gemm_nt(float (&c)[NB][4], const float* A, int row0, const float* B) {
+template <int MT, int NB>
+__device__ __forceinline__ void gemm_nt(float (&c)[MT][NB][4], const float* A, int row0, const float* B) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const float* a0 = A + (row0 + g) * LDS;
-    const float* a1 = a0 + 8 * LDS;
 #pragma unroll 4
     for (int k = 0; k < DP; ++k) {
-        const float x0 = a0[k], x1 = a1[k];
+        float y0[NB], y1[NB];
 #pragma unroll
         for (int j = 0; j < NB; ++j) {
-            const float y0 = B[(j * 8 + 2 * t) * LDS + k], y1 = B[(j * 8 + 2 * t + 1) * LDS + k];
-            c[j][0] = fmaf(x0, y0, c[j][0]);
-            c[j][1] = fmaf(x0, y1, c[j][1]);
-            c[j][2] = fmaf(x1, y0, c[j][2]);
-            c[j][3] = fmaf(x1, y1, c[j][3]);
+            y0[j] = B[(j * 8 + 2 * t) * LDS + k];
+            y1[j] = B[(j * 8 + 2 * t + 1) * LDS + k];
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            const float x0 = A[(row0 + 16 * mt + g) * LDS + k], x1 = A[(row0 + 16 * mt + g + 8) * LDS + k];
+#pragma unroll
+            for (int j = 0; j < NB; ++j) {
+                c[mt][j][0] = fmaf(x0, y0[j], c[mt][j][0]);
+                c[mt][j][1] = fmaf(x0, y1[j], c[mt][j][1]);
+                c[mt][j][2] = fmaf(x1, y0[j], c[mt][j][2]);
+                c[mt][j][3] = fmaf(x1, y1[j], c[mt][j][3]);
+            }
         }
     }
 }
 
 // P's entries for key column 2 t' + e of chunk j live in lane 4 g + t'; they are broadcast in the quad.
-template <int NB>
-__device__ __forceinline__ void gemm_nn(float (&c)[ND][4], const float (&p)[NB][4], const float* B) {
+template <int MT, int NB>
+__device__ __forceinline__ void gemm_nn(float (&c)[MT][ND][4], const float (&p)[MT][NB][4], const float* B) {
     const int lane = threadIdx.x & 31, t = lane & 3;
 #pragma unroll
     for (int j = 0; j < NB; ++j) {
@@ -252,22 +273,35 @@ __device__ __forceinline__ void gemm_nn(float (&c)[ND][4], const float (&p)[NB][
         for (int src = 0; src < 4; ++src) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-                const float p0 = __shfl_sync(0xffffffffu, p[j][e], (lane & ~3) | src);
-                const float p1 = __shfl_sync(0xffffffffu, p[j][2 + e], (lane & ~3) | src);
                 const float* b = B + (j * 8 + 2 * src + e) * LDS + 2 * t;
 #pragma unroll
-                for (int d = 0; d < ND; ++d) {
-                    const float2 y = *reinterpret_cast<const float2*>(b + d * 8);
-                    c[d][0] = fmaf(p0, y.x, c[d][0]);
-                    c[d][1] = fmaf(p0, y.y, c[d][1]);
-                    c[d][2] = fmaf(p1, y.x, c[d][2]);
-                    c[d][3] = fmaf(p1, y.y, c[d][3]);
+                for (int mt = 0; mt < MT; ++mt) {
+                    const float p0 = __shfl_sync(0xffffffffu, p[mt][j][e], (lane & ~3) | src);
+                    const float p1 = __shfl_sync(0xffffffffu, p[mt][j][2 + e], (lane & ~3) | src);
+#pragma unroll
+                    for (int d = 0; d < ND; ++d) {
+                        const float2 y = *reinterpret_cast<const float2*>(b + d * 8);
+                        c[mt][d][0] = fmaf(p0, y.x, c[mt][d][0]);
+                        c[mt][d][1] = fmaf(p0, y.y, c[mt][d][1]);
+                        c[mt][d][2] = fmaf(p1, y.x, c[mt][d][2]);
+                        c[mt][d][3] = fmaf(p1, y.y, c[mt][d][3]);
+                    }
                 }
             }
         }
     }
 }
 #endif
+
+// One row tile (16 rows) per warp: the backward kernels' form.
+template <int NB>
+__device__ __forceinline__ void gemm_nt(float (&c)[NB][4], const elem_t* A, int row0, const elem_t* B) {
+    gemm_nt<1, NB>(reinterpret_cast<float(&)[1][NB][4]>(c), A, row0, B);
+}
+template <int NB>
+__device__ __forceinline__ void gemm_nn(float (&c)[ND][4], const float (&p)[NB][4], const elem_t* B) {
+    gemm_nn<1, NB>(reinterpret_cast<float(&)[1][ND][4]>(c), reinterpret_cast<const float(&)[1][NB][4]>(p), B);
+}
 
 template <int N>
 __device__ __forceinline__ void zero(float (&c)[N][4]) {

@@ -19,14 +19,23 @@ MAX_HEAD_DIM = 128
 NWARPS = 4                                               # 16 rows per warp: 64 query (or key) rows per CTA
 
 
-@functools.lru_cache(maxsize=None)
+# The forward kernel's versions, side by side as in llm.c's dev/cuda: 16-row tiles per warp and keys per
+# sub-tile. Every version is checked against the oracle by the tests and timed by bench/gpu.py.
+FORWARD = {"m16n64": (1, 64), "m16n32": (1, 32), "m32n32": (2, 32)}
+
+
+def forward_default(elem):
+    return "m16n64" if ELEM[elem] != 2 else "m16n32"
+
+
 def tiles(elem):
-    """(block_n, block_q): keys per forward/dq sub-tile, queries per dk/dv sub-tile, for an element type."""
+    """(block_n, block_q): keys per dq sub-tile, queries per dk/dv sub-tile, for an element type."""
     return (64, 32) if ELEM[elem] != 2 else (32, 32)
 
 
-def rows_per_cta():
-    return 16 * NWARPS
+def rows_per_cta(forward=None):
+    """Rows one CTA owns: 16 per warp in the backward kernels, 16 x row tiles in forward version ``forward``."""
+    return 16 * NWARPS * (FORWARD[forward][0] if forward else 1)
 
 
 def head_dim_pad(D):
@@ -68,24 +77,29 @@ def source_text(source):
     return expand(source) + "\n"
 
 
-def build_options(source, elem, D):
-    """The nvcc/NVRTC options for ``source`` with element type ``elem`` (a dtype name) and head dim D."""
+def build_options(source, elem, D, forward=None):
+    """The nvcc/NVRTC options for ``source`` with element type ``elem`` (a dtype name), head dim D and,
+    for the forward, version ``forward`` (default: ``forward_default``)."""
     options = [f"-DELEM={ELEM[elem]}"]
     if source != "convert.cu":
         block_n, block_q = tiles(elem)
+        if source == "flash_forward.cu":
+            row_tiles, block_n = FORWARD[forward or forward_default(elem)]
+            options.append(f"-DROW_TILES={row_tiles}")
         options += [f"-DHEAD_DIM_PAD={head_dim_pad(D)}", f"-DNWARPS={NWARPS}", f"-DBLOCK_N={block_n}",
                     f"-DBLOCK_Q={block_q}"]
     return tuple(options)
 
 
-def smem_bytes(kernel, elem, D):
+def smem_bytes(kernel, elem, D, forward=None):
     """Dynamic shared memory of one CTA of ``kernel`` (the layouts at the top of each kernel)."""
     block_n, block_q = tiles(elem)
     size = 4 if ELEM[elem] == 2 else 2
     row = (head_dim_pad(D) + 16 // size) * size               # LDS elements per shared row
     bm = rows_per_cta()
     if kernel == "flash_forward":
-        return (bm + 4 * block_n) * row
+        forward = forward or forward_default(elem)
+        return (rows_per_cta(forward) + 4 * FORWARD[forward][1]) * row
     if kernel == "flash_backward_dq":
         return (2 * bm + 4 * block_n) * row
     if kernel == "flash_backward_dkdv":
@@ -99,10 +113,10 @@ def _module(source, options, device):
     return cupy.RawModule(code=source_text(source), options=options)
 
 
-def function(source, name, elem, D, smem=0):
+def function(source, name, elem, D, smem=0, forward=None):
     """The compiled kernel ``name`` of ``source``, with its dynamic shared memory limit raised to ``smem``."""
     import cupy
-    kernel = _module(source, build_options(source, elem, D), cupy.cuda.Device().id).get_function(name)
+    kernel = _module(source, build_options(source, elem, D, forward), cupy.cuda.Device().id).get_function(name)
     if smem > 48 * 1024 and kernel.max_dynamic_shared_size_bytes < smem:
         kernel.max_dynamic_shared_size_bytes = smem
     return kernel
@@ -123,20 +137,22 @@ KERNELS = {"flash_forward.cu": ("flash_forward",), "flash_backward.cu": ("flash_
 
 
 def _build(variant):
-    source, elem, D = variant
+    source, elem, D, forward = variant
     t0 = time.perf_counter()
     for name in KERNELS[source]:
-        function(source, name, elem, D)
+        function(source, name, elem, D, forward=forward)
     return variant, time.perf_counter() - t0
 
 
 def warm(elems=tuple(ELEM), dims=(64, 128), processes=8):
-    """Compile the kernels for these dtypes and head dims in parallel processes, into CuPy's kernel cache
-    (``CUPY_CACHE_DIR``), so that later processes load them instead of compiling."""
+    """Compile the kernels (every forward version) for these dtypes and head dims in parallel processes,
+    into CuPy's kernel cache (``CUPY_CACHE_DIR``), so that later processes load them instead of compiling."""
     from concurrent.futures import ProcessPoolExecutor
     import multiprocessing
-    variants = sorted({(s, e, 0 if s == "convert.cu" else D) for s in SOURCES for e in elems for D in dims
+    variants = sorted({(s, e, 0 if s == "convert.cu" else D, f if s == "flash_forward.cu" else "")
+                       for s in SOURCES for e in elems for D in dims for f in FORWARD
                        if s == "convert.cu" or supports(e, D) is None})
+    variants = [(s, e, D, f or None) for s, e, D, f in variants]
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_build, variants))
 
@@ -148,5 +164,5 @@ if __name__ == "__main__":
     p.add_argument("--dims", nargs="+", type=int, default=[64, 128])
     p.add_argument("--processes", type=int, default=8)
     a = p.parse_args()
-    for (source, elem, D), seconds in warm(a.dtypes, a.dims, a.processes):
-        print(f"{source} {elem} D={D}: {seconds:.1f} s")
+    for (source, elem, D, forward), seconds in warm(a.dtypes, a.dims, a.processes):
+        print(f"{source} {elem} D={D}{' ' + forward if forward else ''}: {seconds:.1f} s")

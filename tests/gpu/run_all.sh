@@ -26,7 +26,7 @@ else
 fi
 PY="$VENV/bin/python"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
-"$PY" -m gpu.kernels --dims 40 64 128 160 2>&1 | tee "$OUT/warmup.log"
+"$PY" -m gpu.kernels --dims 40 64 72 128 --processes 14 2>&1 | tee "$OUT/warmup.log"
 TIMEOUT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=300")
 LIMIT=${RINGATTN_PHASE_TIMEOUT:-0}
 timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfE --durations=15 $TIMEOUT tests/gpu 2>&1 | tee "$OUT/tests.log"

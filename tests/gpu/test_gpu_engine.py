@@ -13,6 +13,7 @@ import pytest
 from gpu_helpers import DTYPES, check, gpu_missing, inputs, needs_gpu, table, to_host
 
 import refimpl
+from gpu.kernels import FORWARD
 
 pytestmark = needs_gpu
 
@@ -44,6 +45,18 @@ def test_ring_on_one_gpu_meets_the_rule(rng, dtype, kernels, causal, P):
     res, got = ring(q, k, v, dout, P=P, causal=causal, kernels=kernels)
     assert got[0].dtype == q.dtype and got[1].dtype == (np.float64 if dtype == "float64" else np.float32)
     assert_rule(dtype, kernels, got, q, k, v, dout, causal)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("version", sorted(FORWARD))
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "float64"])
+def test_every_forward_version_meets_the_rule(rng, dtype, version, causal):
+    """The forward kernel's versions (gpu/kernels.py: FORWARD), each checked before bench/gpu.py times it."""
+    q, k, v, dout = inputs(rng, dtype, D=72)
+    res = refimpl.simulate_ring(q, k, v, ranks=3, causal=causal, dout=dout, block_q=96, block_k=80, timeout=120.0,
+                                engine=CupyEngine.configured(forward=version))
+    got = tuple(to_host(getattr(res, n)) for n in ("out", "lse", "dq", "dk", "dv"))
+    assert_rule(dtype, "fused", got, q, k, v, dout, causal)
 
 
 @pytest.mark.parametrize("dtype", [d for d in DTYPES if d != "float64"])

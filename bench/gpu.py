@@ -218,18 +218,23 @@ def check_then_time(torch, N, H, D, causal, repeats, matmul_max_n):
 def ring_overhead(N, H, D, causal, ranks, repeats):
     """Section 2: wall time of simulate_ring with P ranks on one GPU, against P = 1."""
     q, k, v = (random_bf16((1, N, H, D), seed) for seed in range(3))
-    times = {}
+    times, steps = {}, {}
     for P in ranks:
         def run():
-            refimpl.simulate_ring(q, k, v, ranks=P, causal=causal, block_q=1024, block_k=1024, engine=CupyEngine)
+            return refimpl.simulate_ring(q, k, v, ranks=P, causal=causal, block_q=1024, block_k=1024,
+                                         engine=CupyEngine)
         run()
         samples = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            run()
+            res = run()
             samples.append(time.perf_counter() - t0)
         times[P] = statistics.median(samples)
-    return {"N": N, "causal": causal, "seconds": times, "overhead": {P: times[P] / times[1] - 1 for P in ranks}}
+        per_rank = [[rec for rec in res.trace if rec.rank == r] for r in range(P)]
+        steps[P] = {"device_compute_s_per_rank": [round(sum(x.compute_s for x in recs), 4) for recs in per_rank],
+                    "wait_s_per_rank": [round(sum(x.wait_s for x in recs), 4) for recs in per_rank]}
+    return {"N": N, "causal": causal, "seconds": times, "overhead": {P: times[P] / times[1] - 1 for P in ranks},
+            "trace": steps}
 
 
 def million(H, D, ranks):

@@ -27,10 +27,6 @@ FORWARD = {"m16n64": (1, 64), "m16n32": (1, 32), "m32n32": (2, 32)}
 FORWARD_DEFAULT = "m16n32"
 
 
-def forward_default(elem):
-    return FORWARD_DEFAULT
-
-
 def tiles(elem):
     """(block_n, block_q): keys per dq sub-tile, queries per dk/dv sub-tile, for an element type."""
     return (64, 32) if ELEM[elem] != 2 else (32, 32)
@@ -82,12 +78,12 @@ def source_text(source):
 
 def build_options(source, elem, D, forward=None):
     """The nvcc/NVRTC options for ``source`` with element type ``elem`` (a dtype name), head dim D and,
-    for the forward, version ``forward`` (default: ``forward_default``)."""
+    for the forward, version ``forward`` (default ``FORWARD_DEFAULT``)."""
     options = [f"-DELEM={ELEM[elem]}"]
     if source != "convert.cu":
         block_n, block_q = tiles(elem)
         if source == "flash_forward.cu":
-            row_tiles, block_n = FORWARD[forward or forward_default(elem)]
+            row_tiles, block_n = FORWARD[forward or FORWARD_DEFAULT]
             options.append(f"-DROW_TILES={row_tiles}")
         options += [f"-DHEAD_DIM_PAD={head_dim_pad(D)}", f"-DNWARPS={NWARPS}", f"-DBLOCK_N={block_n}",
                     f"-DBLOCK_Q={block_q}"]
@@ -101,7 +97,7 @@ def smem_bytes(kernel, elem, D, forward=None):
     row = (head_dim_pad(D) + 16 // size) * size               # LDS elements per shared row
     bm = rows_per_cta()
     if kernel == "flash_forward":
-        forward = forward or forward_default(elem)
+        forward = forward or FORWARD_DEFAULT
         return (rows_per_cta(forward) + 4 * FORWARD[forward][1]) * row
     if kernel == "flash_backward_dq":
         return (2 * bm + 4 * block_n) * row

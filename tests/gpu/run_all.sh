@@ -7,7 +7,8 @@
 # python3 with CuPy and ml_dtypes (and PyTorch for the SDPA comparison). MPI comes from the mpich and
 # mpi4py wheels: taken from .whl/ when that folder holds them (machines without a network), else from
 # PyPI, installed into a venv that sees the system packages. Exit status: non-zero if the tests or the
-# bench failed. RINGATTN_PHASE_TIMEOUT (seconds, default none) bounds the tests and the bench each.
+# bench failed. RINGATTN_PHASE_TIMEOUT (seconds, default none) bounds the tests and the bench each;
+# RINGATTN_PYTEST_ARGS adds pytest options (e.g. --ignore=tests/gpu/test_gpu_compile.py).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:?usage: tests/gpu/run_all.sh OUT [bench options...]}
@@ -29,7 +30,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 "$PY" -m gpu.kernels --dims 40 64 72 128 --processes 14 2>&1 | tee "$OUT/warmup.log"
 TIMEOUT=$("$PY" -c "import pytest_timeout" 2>/dev/null && echo "--timeout=300")
 LIMIT=${RINGATTN_PHASE_TIMEOUT:-0}
-timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfE --durations=15 $TIMEOUT tests/gpu 2>&1 | tee "$OUT/tests.log"
+timeout "$LIMIT" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rfE --durations=15 $TIMEOUT ${RINGATTN_PYTEST_ARGS:-} tests/gpu 2>&1 | tee "$OUT/tests.log"
 tests=$?
 timeout "$LIMIT" "$PY" bench/gpu.py --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log"
 bench=$?

@@ -197,7 +197,7 @@ class CupyEngine:
         self._begin()
         if self._use_fused(q, mask):
             elem, D = q.dtype.name, q.shape[3]
-            version = self.forward or kernels.FORWARD_DEFAULT
+            version = self.forward or kernels.forward_version(elem, plan)
             rows = kernels.rows_per_cta(version)
             n_cta, cta, tiles = self._table(cached, f"by_q{rows}", lambda: by_query_rows(plan, rows))
             if n_cta:

@@ -12,6 +12,8 @@ import time
 
 import numpy as np
 
+from refimpl.masks import FULL
+
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("flash_forward.cu", "flash_backward.cu", "convert.cu")
 ELEM = {"float16": 0, "bfloat16": 1, "float32": 2}      # -DELEM of each input dtype of the fused kernels
@@ -20,11 +22,18 @@ NWARPS = 4                                               # 16 rows per warp: 64 
 
 
 # The forward kernel's versions, side by side as in llm.c's dev/cuda: 16-row tiles per warp and keys per
-# sub-tile. Every version is checked against the oracle by the tests and timed by bench/gpu.py. On an
-# H100 (bench/README.md) m16n32 beat m16n64 by 5-13% in all six (N, causal) cases; m32n32 was best
-# without a mask (+5-11% over m16n32) but worst with one, and it spills registers in bfloat16.
+# sub-tile. Every version is checked against the oracle by the tests and timed by bench/gpu.py.
 FORWARD = {"m16n64": (1, 64), "m16n32": (1, 32), "m32n32": (2, 32)}
-FORWARD_DEFAULT = "m16n32"
+
+
+def forward_version(elem, plan):
+    """The version a step runs unless the engine names one. On an H100 (bench/README.md, bf16, D=128):
+    with only FULL tiles (no mask), m32n32 was the fastest, 11-18% over m16n32; with PARTIAL tiles
+    m16n32 was, by 7-18% over m32n32, and 3-13% over m16n64 but for one case within noise. float32 was
+    not timed and keeps m16n32."""
+    if ELEM[elem] != 2 and all(kind == FULL for _, cols in plan.rows for _, kind in cols):
+        return "m32n32"
+    return "m16n32"
 
 
 def tiles(elem):
@@ -78,12 +87,12 @@ def source_text(source):
 
 def build_options(source, elem, D, forward=None):
     """The nvcc/NVRTC options for ``source`` with element type ``elem`` (a dtype name), head dim D and,
-    for the forward, version ``forward`` (default ``FORWARD_DEFAULT``)."""
+    for the forward, version ``forward`` (default m16n32)."""
     options = [f"-DELEM={ELEM[elem]}"]
     if source != "convert.cu":
         block_n, block_q = tiles(elem)
         if source == "flash_forward.cu":
-            row_tiles, block_n = FORWARD[forward or FORWARD_DEFAULT]
+            row_tiles, block_n = FORWARD[forward or "m16n32"]
             options.append(f"-DROW_TILES={row_tiles}")
         options += [f"-DHEAD_DIM_PAD={head_dim_pad(D)}", f"-DNWARPS={NWARPS}", f"-DBLOCK_N={block_n}",
                     f"-DBLOCK_Q={block_q}"]
@@ -97,7 +106,7 @@ def smem_bytes(kernel, elem, D, forward=None):
     row = (head_dim_pad(D) + 16 // size) * size               # LDS elements per shared row
     bm = rows_per_cta()
     if kernel == "flash_forward":
-        forward = forward or FORWARD_DEFAULT
+        forward = forward or "m16n32"
         return (rows_per_cta(forward) + 4 * FORWARD[forward][1]) * row
     if kernel == "flash_backward_dq":
         return (2 * bm + 4 * block_n) * row

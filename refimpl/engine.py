@@ -43,7 +43,7 @@ class NumpyEngine:
     first_nonfinite = staticmethod(validate.first_nonfinite)
 
     def __init__(self):
-        self._workspaces = {}
+        self._workspace = None               # (phase, Workspace) of the last call's kind of step
         self._seconds = 0.0
 
     sim_world = SimWorld                 # (P, timeout) -> the world of simulated ranks for these arrays
@@ -79,20 +79,21 @@ class NumpyEngine:
 
     @property
     def workspace_bytes(self):
-        return sum(ws.nbytes for ws in self._workspaces.values())
+        return 0 if self._workspace is None else self._workspace[1].nbytes
 
-    def _workspace(self, dtype):
-        dtype = np.dtype(dtype)
-        if dtype not in self._workspaces:
-            self._workspaces[dtype] = tile.Workspace(dtype)
-        return self._workspaces[dtype]
+    def _scores(self, phase, dtype):
+        """The score buffers of a forward or backward step, reused from step to step; a step of the other
+        phase (a new call) starts a fresh one, so a rank never holds both."""
+        if self._workspace is None or self._workspace[0] != (phase, np.dtype(dtype)):
+            self._workspace = ((phase, np.dtype(dtype)), tile.Workspace(dtype))
+        return self._workspace[1]
 
     # -- one step ---------------------------------------------------------------------------------
     def attend(self, o, lse, q, k, v, q_pos, k_pos, mask, scale, block_q, block_k, on_tile=None):
         """Fold q (B, nq, Hq, D) over k, v (B, nk, Hkv, D) into o (B, nq, Hq, D), lse (B, Hq, nq)."""
         t0 = time.perf_counter()
         plan = attend_shard(o, lse, q, k, v, q_pos, k_pos, mask, scale, block_q, block_k,
-                            self._workspace(o.dtype), on_tile)
+                            self._scores("forward", o.dtype), on_tile)
         self._seconds = time.perf_counter() - t0
         return plan
 
@@ -101,7 +102,7 @@ class NumpyEngine:
         """Add the contributions of q against k, v to dq (B, nq, Hq, D) and dk, dv (B, nk, Hkv, D)."""
         t0 = time.perf_counter()
         plan = attend_shard_backward(dq, dk, dv, q, k, v, dout, lse, delta, q_pos, k_pos, mask, scale,
-                                     block_q, block_k, self._workspace(dq.dtype), on_tile)
+                                     block_q, block_k, self._scores("backward", dq.dtype), on_tile)
         self._seconds = time.perf_counter() - t0
         return plan
 

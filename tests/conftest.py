@@ -15,9 +15,17 @@ the score matrix, subtract the row max, exponentiate, normalise.
 """
 
 import math
+import os
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run, so CI is reproducible; HYPOTHESIS_PROFILE=explore
+# (make explore) draws fresh ones on every run and keeps failures in .hypothesis/ to replay them.
+settings.register_profile("reproducible", derandomize=True, database=None)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "reproducible"))
 
 FP64_RTOL = 1e-12
 

@@ -7,6 +7,7 @@ by query rows, dk/dv by key rows. Every (tile, CTA row range) is checked against
 import numpy as np
 import pytest
 
+from gpu.kernels import forward_version
 from gpu.plan import KIND, by_key_rows, by_query_rows
 from refimpl.layouts import Contiguous
 from refimpl.masks import mask_for
@@ -66,3 +67,13 @@ def test_empty_plan_has_no_ctas():
     plan = plan_tiles(np.arange(10), np.arange(20, 30), mask_for(True), 4, 4)
     assert by_query_rows(plan, 64).n_cta == 0 and by_key_rows(plan, 64).n_cta == 0
     assert by_query_rows(plan, 64).cta.shape == (0, 4) and by_key_rows(plan, 64).tiles.shape == (0, 3)
+
+
+def test_forward_version_follows_the_plan():
+    """Unmasked steps take the version measured fastest without a mask, masked ones the other."""
+    full = plan_tiles(np.arange(100, 200), np.arange(0, 100), mask_for(True), 32, 32)
+    diagonal = plan_tiles(np.arange(100), np.arange(100), mask_for(True), 32, 32)
+    unmasked = plan_tiles(np.arange(100), np.arange(100), mask_for(False), 32, 32)
+    assert forward_version("bfloat16", full) == forward_version("float16", unmasked) == "m32n32"
+    assert forward_version("bfloat16", diagonal) == "m16n32"
+    assert forward_version("float32", full) == "m16n32"

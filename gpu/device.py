@@ -29,8 +29,6 @@ def select_device(mpi_comm):
 class CupyDevice:
     """Device operations for one rank's transport; create it on the rank's thread, after its stream."""
 
-    array_type = cupy.ndarray
-
     def __init__(self):
         self.copy_stream = cupy.cuda.Stream(non_blocking=True)
 

@@ -10,7 +10,9 @@ where the arrays live (device memory, on the rank's own stream) and how a step's
                       float64 path, and the fallback where the fused kernels do not apply (head dim over
                       128, float64); the engine says why in ``describe()``.
 
-Accumulators are float32 (float64 for float64 inputs) and the running lse is float64, as in refimpl.
+The forward kernel has versions side by side (``kernels.FORWARD``); a step runs the one measured fastest
+for its plan (``kernels.forward_version``) unless ``forward=`` names one. Accumulators are float32
+(float64 for float64 inputs) and the running lse is float64, as in refimpl.
 """
 
 import functools
@@ -164,7 +166,8 @@ class CupyEngine:
         """The step's ``StepPlan`` and a dict for its device arrays, cached: a training loop (or a benchmark)
         repeats the same steps, and planning in Python must not come between the kernels. A hit is
         checked position by position, never trusted to a hash."""
-        key = (hash(q_pos.tobytes()), hash(k_pos.tobytes()), mask.name, block_q, block_k)
+        key = (hash(q_pos.tobytes()), hash(k_pos.tobytes()), mask.name, tuple(sorted(vars(mask).items())),
+               block_q, block_k)                    # a mask is its name and its parameters
         hit = self._plans.pop(key, None)
         if hit is None or not (np.array_equal(hit[0], q_pos) and np.array_equal(hit[1], k_pos)):
             plan = plan_tiles(q_pos, k_pos, mask, block_q, block_k)

@@ -132,8 +132,6 @@ class HostDevice:
     for the current stream; ``copy(dst, src)`` a device-to-device copy, complete when it returns.
     """
 
-    array_type = np.ndarray
-
     @staticmethod
     def pointer(buf):
         return buf.__array_interface__["data"][0]
@@ -186,9 +184,6 @@ class _Wrapped(Comm):
 
     def barrier(self):
         self.inner.barrier()
-
-    def abort(self, code=1):
-        self.inner.abort(code)
 
 
 class DirectComm(_Wrapped):

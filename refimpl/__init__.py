@@ -2,7 +2,8 @@
 
 Read it in this order: ``naive`` (the oracle), ``masks`` and ``layouts`` (positions), ``tile`` (one tile
 and the merge), ``schedule`` (which tiles and which ring step), ``blockwise`` (the tile loop),
-``ring`` (the loop over ranks), ``comm`` (the transport), ``simulate`` (P ranks in one process).
+``engine`` (where a rank's arrays live and how a step runs: the seam ``gpu/`` plugs into), ``ring`` (the
+loop over ranks), ``comm`` (the transport), ``simulate`` (P ranks in one process).
 
 Layout conventions (``specs/conventions.md``): q (B, N, Hq, D), k and v (B, N, Hkv, D), lse (B, Hq, N).
 """

@@ -285,8 +285,12 @@ def _engine(args):
         return NumpyEngine
     try:
         from gpu.engine import CupyEngine
-    except ImportError as exc:
-        parser().error(f"--device gpu needs CuPy and a CUDA GPU ({exc}); install with: pip install 'ringattn[gpu]'")
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise RuntimeError("CuPy sees no CUDA device")
+    except Exception as exc:             # noqa: BLE001 - no CuPy, no driver, no device: one usage error
+        parser().error(f"--device gpu needs CuPy and a CUDA GPU ({type(exc).__name__}: {exc}); "
+                       "install CuPy with: pip install 'ringattn[gpu]'")
     return CupyEngine.configured(kernels=args.kernels)
 
 

@@ -41,12 +41,11 @@ class NumpyEngine:
     array_type = np.ndarray
     dtypes = validate.FLOAT_DTYPES
     first_nonfinite = staticmethod(validate.first_nonfinite)
+    sim_world = SimWorld                     # (P, timeout) -> the world of simulated ranks for these arrays
 
     def __init__(self):
-        self._workspace = None               # (phase, Workspace) of the last call's kind of step
+        self._workspace = None               # ((phase, dtype), Workspace) of the last step's kind
         self._seconds = 0.0
-
-    sim_world = SimWorld                 # (P, timeout) -> the world of simulated ranks for these arrays
 
     def describe(self):
         """What the report prints about where the run happened."""

@@ -11,9 +11,10 @@ and ``simulate_ring`` with the same P, inputs and block sizes produce bitwise-id
 Point to point. ``isend``/``irecv`` post ``MPI_Isend``/``MPI_Irecv`` on the raw bytes of a C-contiguous
 NumPy array (datatype ``MPI.BYTE``: any dtype, float16 included, travels bit for bit; the ranks of one
 job are assumed to share one byte order), or of a device array (``__cuda_array_interface__``) for a
-CUDA-aware MPI, as ``gpu/transport.py: DirectComm`` hands them over. ``wait`` blocks in ``MPI_Wait``, adds the seconds it blocked to
-``wait_seconds``, and checks the size of a received message against the receive buffer: a mismatch is a
-``CommError`` naming both ranks and the message (``schedule.describe_tag``), never silent garbage.
+CUDA-aware MPI, as ``gpu/transport.py: DirectComm`` hands them over. ``wait`` blocks in ``MPI_Wait``,
+adds the seconds it blocked to ``wait_seconds``, and checks the size of a received message against the
+receive buffer: a mismatch is a ``CommError`` naming both ranks and the message
+(``schedule.describe_tag``), never silent garbage.
 
 Failures. A rank that raises must not leave its peers blocked forever in a receive. Under
 ``python -m mpi4py`` an uncaught exception calls ``MPI_Abort``, which kills every rank of the job.

@@ -24,6 +24,7 @@ NWARPS = 4                                               # 16 rows per warp: 64 
 # The forward kernel's versions, side by side as in llm.c's dev/cuda: 16-row tiles per warp and keys per
 # sub-tile. Every version is checked against the oracle by the tests and timed by bench/gpu.py.
 FORWARD = {"m16n64": (1, 64), "m16n32": (1, 32), "m32n32": (2, 32)}
+FORWARD_MASKED, FORWARD_UNMASKED = "m16n32", "m32n32"       # forward_version's picks; masked: the default
 
 
 def forward_version(elem, plan):
@@ -32,8 +33,8 @@ def forward_version(elem, plan):
     m16n32 was, by 7-18% over m32n32, and 3-13% over m16n64 but for one case within noise. float32 was
     not timed and keeps m16n32."""
     if ELEM[elem] != 2 and all(kind == FULL for _, cols in plan.rows for _, kind in cols):
-        return "m32n32"
-    return "m16n32"
+        return FORWARD_UNMASKED
+    return FORWARD_MASKED
 
 
 def tiles(elem):
@@ -87,12 +88,12 @@ def source_text(source):
 
 def build_options(source, elem, D, forward=None):
     """The nvcc/NVRTC options for ``source`` with element type ``elem`` (a dtype name), head dim D and,
-    for the forward, version ``forward`` (default m16n32)."""
+    for the forward, version ``forward`` (default ``FORWARD_MASKED``)."""
     options = [f"-DELEM={ELEM[elem]}"]
     if source != "convert.cu":
         block_n, block_q = tiles(elem)
         if source == "flash_forward.cu":
-            row_tiles, block_n = FORWARD[forward or "m16n32"]
+            row_tiles, block_n = FORWARD[forward or FORWARD_MASKED]
             options.append(f"-DROW_TILES={row_tiles}")
         options += [f"-DHEAD_DIM_PAD={head_dim_pad(D)}", f"-DNWARPS={NWARPS}", f"-DBLOCK_N={block_n}",
                     f"-DBLOCK_Q={block_q}"]
@@ -106,7 +107,7 @@ def smem_bytes(kernel, elem, D, forward=None):
     row = (head_dim_pad(D) + 16 // size) * size               # LDS elements per shared row
     bm = rows_per_cta()
     if kernel == "flash_forward":
-        forward = forward or "m16n32"
+        forward = forward or FORWARD_MASKED
         return (rows_per_cta(forward) + 4 * FORWARD[forward][1]) * row
     if kernel == "flash_backward_dq":
         return (2 * bm + 4 * block_n) * row

@@ -55,8 +55,8 @@ def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_
     q (B, N, Hq, D), k and v (B, N, Hkv, D); dout (B, N, Hq, D) optional; host arrays, or arrays of the
     engine. Returns a ``RingResult``. ``progress``, if given, is called with the running count of tiles
     computed over all ranks. ``timeout`` bounds any single wait on a message (deadlocks are reported at
-    once regardless). ``engine()`` makes one rank's engine, and its class attributes ``array_type``,
-``dtypes`` and ``first_nonfinite`` say which inputs it takes; ``world(P, timeout)`` makes the world.
+    once regardless). ``engine()`` makes one rank's engine; the class says which inputs it takes
+    (``array_type``, ``dtypes``, ``first_nonfinite``) and makes the world of ranks (``sim_world``).
     """
     B, N, Hq, Hkv, D = validate.check_qkv(q, k, v, engine)
     P = validate.check_ranks(ranks, N)
@@ -92,4 +92,3 @@ def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_
         result.dq, result.dk, result.dv = (layout.unshard([getattr(b, g) for _, b, _ in results])
                                            for g in ("dq", "dk", "dv"))
     return result
-

@@ -22,7 +22,7 @@ ARCHS = ("80", "90")
 VARIANTS = ([(source, elem, D, None) for source in ("flash_forward.cu", "flash_backward.cu")
              for elem in kernels.ELEM for D in (40, 128) if kernels.supports(elem, D) is None]
             + [("flash_forward.cu", elem, 128, version) for elem in kernels.ELEM for version in kernels.FORWARD
-               if version != "m16n32"]
+               if version != kernels.FORWARD_MASKED]
             + [("convert.cu", elem, 0, None) for elem in kernels.ELEM])
 
 

@@ -14,6 +14,7 @@ from gpu_helpers import DTYPES, check, gpu_missing, inputs, needs_gpu, table, to
 
 import refimpl
 from gpu.kernels import FORWARD
+from refimpl.comm.sim import SimWorld
 
 pytestmark = needs_gpu
 
@@ -134,7 +135,5 @@ def test_bad_device_input_is_named(rng):
     bad[0, 5, 1, 3] = 0x7FC0                                       # a bfloat16 NaN
     with pytest.raises(ValueError, match=r"k contains non-finite values \(first at index \(0, 5, 1, 3\)\)"):
         refimpl.simulate_ring(q, bad.view(q.dtype), v, ranks=2, engine=CupyEngine)
-    engine_class = CupyEngine
     with pytest.raises(TypeError, match="q must be a cupy.ndarray"):
-        from refimpl.comm.sim import SimWorld
-        SimWorld(1).run(lambda comm: refimpl.ring_attention(q, k, v, comm, engine=engine_class()))
+        SimWorld(1).run(lambda comm: refimpl.ring_attention(q, k, v, comm, engine=CupyEngine()))

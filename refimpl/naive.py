@@ -9,7 +9,10 @@ clarity, not speed, and always computes in float64 whatever the input dtype::
     p   = exp(s - lse)                        softmax over visible keys
     out = p v                                 (B, Nq, Hq, D)
 
-A row with no visible key has out = 0, lse = -inf, and contributes no gradient.
+A row with no visible key has out = 0, lse = -inf, and contributes no gradient. A visible score beyond
+the float64 range (``|scale * q . k| > np.finfo(np.float64).max``) is an OverflowError, never an inf or
+NaN lse. For float16 and float32 inputs only a huge ``scale`` can reach it: their q . k (at most
+D * 3.4e38^2) fits float64 with room to spare.
 """
 
 import numpy as np
@@ -40,6 +43,7 @@ def _visible(q_pos, k_pos, causal, mask):
 def _check_mask(mask, Nq, Nk):
     if mask is None:
         return None
+    validate.check_unmasked("mask", mask)
     if not isinstance(mask, np.ndarray) or mask.dtype != bool:
         raise TypeError(f"mask must be a bool numpy.ndarray of shape ({Nq}, {Nk}), got {type(mask).__name__}"
                         f"{'' if not isinstance(mask, np.ndarray) else ' of dtype ' + str(mask.dtype)}")
@@ -48,9 +52,32 @@ def _check_mask(mask, Nq, Nk):
     return mask
 
 
+def _check_rows(rows, N):
+    """Query positions: a 1-d int array or sequence of ints in [0, N) -> int64 array. Nothing is rounded."""
+    validate.check_unmasked("rows", rows)
+    positions = np.asarray(rows)
+    if positions.size and positions.dtype.kind not in "iu":   # empty: a list [] has NumPy's float dtype
+        raise TypeError(f"rows must be integer positions (an int array or a sequence of ints), "
+                        f"got dtype {positions.dtype}")
+    if positions.ndim != 1 or (positions.size and (positions.min() < 0 or positions.max() >= N)):
+        raise ValueError(f"rows must be a 1-d array of positions in [0, {N}), got {rows!r}")
+    return positions.astype(np.int64)
+
+
 def _probabilities(q, k, visible, scale):
-    """q (B, Hq, Nq, D), k (B, Hq, Nk, D) float64 -> p (B, Hq, Nq, Nk), lse (B, Hq, Nq)."""
-    s = scale * (q @ k.transpose(0, 1, 3, 2))
+    """q (B, Hq, Nq, D), k (B, Hq, Nk, D) float64 -> p (B, Hq, Nq, Nk), lse (B, Hq, Nq).
+
+    A visible score that is not finite (``scale * q . k`` beyond the float64 range) is an OverflowError:
+    it would make lse inf or NaN (inf - inf).
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = scale * (q @ k.transpose(0, 1, 3, 2))
+    bad = np.argwhere(visible & ~np.isfinite(s))
+    if len(bad):
+        raise OverflowError(f"scale * q k^T overflows float64 at visible score (b, h, row, key) = "
+                            f"{tuple(int(i) for i in bad[0])}: its magnitude exceeds "
+                            f"np.finfo(np.float64).max = {np.finfo(np.float64).max:.6g}; "
+                            "reduce scale or the size of q and k")
     s = np.where(visible, s, -np.inf)
     m = s.max(axis=-1, keepdims=True)
     m = np.where(np.isneginf(m), 0.0, m)          # fully hidden rows: exp(-inf - 0) = 0, no NaN
@@ -83,16 +110,15 @@ def naive_attention(q, k, v, *, causal=False, scale=None, mask=None):
 
 
 def naive_rows(q, k, v, rows, *, causal=False, scale=None):
-    """Exact float64 attention for the query rows ``rows`` (int array of global positions) only.
+    """Exact float64 attention for the query rows ``rows`` (global positions: an int array or a sequence of
+    ints; floats and bools are a TypeError) only.
 
     Returns out (B, len(rows), Hq, D) and lse (B, Hq, len(rows)). Memory is O(B * Hq * len(rows) * N),
     which is how the ring's output is checked at sequence lengths where the full oracle cannot run.
     """
     _, N, _, _, D = validate.check_qkv(q, k, v)
     scale = validate.check_scale(scale, D)
-    rows = np.asarray(rows, dtype=np.int64)
-    if rows.ndim != 1 or (len(rows) and (rows.min() < 0 or rows.max() >= N)):
-        raise ValueError(f"rows must be a 1-d array of positions in [0, {N}), got {rows!r}")
+    rows = _check_rows(rows, N)
     return _forward(q[:, rows], k, v, rows, np.arange(N), causal, scale, None)
 
 

@@ -11,8 +11,11 @@ Shapes (see ``specs/conventions.md``)::
     out, dout   (B, N, Hq,  D)
     lse         (B, Hq, N)
 
-Non-finite input (NaN or +-inf in q, k, v, out or dout) is rejected with a ``ValueError`` that names the
-argument and the first bad index: an oracle must never turn garbage in into plausible numbers out.
+Non-finite input (NaN or +-inf in q, k, v, out, dout or lse) is rejected with a ``ValueError`` that names
+the argument and the first bad index: an oracle must never turn garbage in into plausible numbers out.
+lse included: its -inf would mean a row that sees no key, which no mask of the blockwise and ring paths
+(none, causal) produces. NumPy masked arrays are a ``TypeError``: their masked entries would escape the
+checks.
 
 The checks take an optional ``engine`` (``refimpl/engine.py``): the array type and dtypes it accepts, and
 its ``first_nonfinite``. Without one they check host NumPy arrays, as every CPU entry point does.
@@ -43,7 +46,18 @@ def _type_name(t):
     return f"{t.__module__.split('.')[0]}.{t.__name__}"
 
 
+def check_unmasked(name, x):
+    """Reject NumPy masked arrays. Attention has no missing entries, and a masked array's reductions skip
+    the masked ones (its ``sum`` would hide a NaN from ``first_nonfinite``), so the caller says what the
+    masked entries are."""
+    if isinstance(x, np.ma.MaskedArray):
+        raise TypeError(f"{name} must not be a numpy masked array (its masked entries would be skipped by "
+                        f"the checks and have no meaning in attention); pass {name}.filled(value) with the "
+                        "value the masked entries should take")
+
+
 def check_array(name, x, ndim, engine=None):
+    check_unmasked(name, x)
     array_type = np.ndarray if engine is None else engine.array_type
     dtypes = FLOAT_DTYPES if engine is None else engine.dtypes
     if not isinstance(x, array_type):
@@ -57,7 +71,8 @@ def check_array(name, x, ndim, engine=None):
 
 def first_nonfinite(x):
     """Index of the first NaN or +-inf in a host array, or None. One float64 reduction decides; the exact
-    scan runs only if it trips."""
+    scan runs only if it trips. ``x`` is a plain array: ``check_array`` has rejected masked arrays, whose
+    sum skips the masked entries."""
     with np.errstate(over="ignore", invalid="ignore"):
         total = np.sum(x, dtype=np.float64)
     if math.isfinite(total):
@@ -75,12 +90,18 @@ def check_finite(name, x, engine=None):
 
 
 def check_lse(name, lse, shape, dtype, engine=None):
-    """lse may hold -inf (rows that see no key) but never NaN or +inf, and must be in ``dtype``."""
+    """lse as the blockwise and ring forward return it: in ``dtype``, and finite.
+
+    Under every mask those take (none, causal) each query row sees at least one key (causal includes the
+    diagonal), so its lse is finite. -inf, NaN and +inf are rejected: the backward would turn them into
+    wrong gradients (it reads -inf as a row that sees no key).
+    """
     check_like(name, lse, shape, dtype, engine)
-    bad = np.argwhere(np.isnan(lse) | (lse == np.inf))
-    if len(bad):
-        raise ValueError(f"{name} contains NaN or +inf (first at index {tuple(int(i) for i in bad[0])}); "
-                         "only -inf, for rows that see no key, is allowed")
+    bad = (first_nonfinite if engine is None else engine.first_nonfinite)(lse)
+    if bad is not None:
+        raise ValueError(f"{name} contains non-finite values (first at index {bad}: {float(lse[bad])}); "
+                         "with no mask or causal every query row sees at least one key, so the forward's "
+                         "lse is finite: pass the lse the forward returned")
 
 
 def check_qkv(q, k, v, engine=None):
@@ -109,7 +130,8 @@ def check_qkv(q, k, v, engine=None):
 
 
 def check_backward(out, dout, lse, q, Hq_shape, engine=None):
-    """The extra inputs of a backward: out and dout like q (its dtype, finite), lse in the accumulation dtype."""
+    """The extra inputs of a backward: out and dout like q (its dtype, finite), lse finite in the accumulation
+    dtype."""
     B, n, Hq, D = Hq_shape
     for name, x in (("out", out), ("dout", dout)):
         check_like(name, x, (B, n, Hq, D), q.dtype, engine)

@@ -206,3 +206,94 @@ def test_mask_must_be_bool_of_shape_n_by_n(rng):
         naive_attention(q, k, v, mask=np.ones((4, 5), bool))
     with pytest.raises(TypeError, match="mask"):
         naive_attention(q, k, v, mask=np.ones((4, 4), np.int8))
+
+
+@pytest.mark.parametrize("rows", [[1.5, 2.7], np.array([1.0, 2.0]), [1, 2.0], [True, False], np.array([True]),
+                                  ["1"]], ids=["floats", "float-array", "mixed", "bools", "bool-array", "str"])
+def test_naive_rows_must_be_integers(rng, rows):
+    """[1.5, 2.7] used to become rows [1, 2]: nothing is rounded, and bools are not positions."""
+    q, k, v = make_qkv(rng, N=11)
+    with pytest.raises(TypeError, match=r"rows must be integer positions \(an int array or a sequence of ints\)"):
+        naive_rows(q, k, v, rows)
+
+
+def test_naive_rows_takes_any_integer_dtype_and_empty_rows(rng):
+    q, k, v = make_qkv(rng, N=11)
+    want_out, want_lse = naive_rows(q, k, v, np.array([3, 0, 10], np.int64))
+    for rows in ([3, 0, 10], (np.int32(3), 0, 10), np.array([3, 0, 10], np.uint8)):
+        out, lse = naive_rows(q, k, v, rows)
+        np.testing.assert_array_equal(out, want_out)
+        np.testing.assert_array_equal(lse, want_lse)
+    out, lse = naive_rows(q, k, v, [])
+    assert out.shape == (1, 0, 2, 4) and lse.shape == (1, 2, 0)
+
+
+def test_masked_rows_and_mask_are_type_errors(rng):
+    q, k, v = make_qkv(rng, N=4)
+    with pytest.raises(TypeError, match=r"rows must not be a numpy masked array.*rows\.filled\(value\)"):
+        naive_rows(q, k, v, np.ma.masked_array([0, 3], mask=[False, True]))
+    with pytest.raises(TypeError, match=r"mask must not be a numpy masked array.*mask\.filled\(value\)"):
+        naive_attention(q, k, v, mask=np.ma.masked_array(np.ones((4, 4), bool)))
+
+
+# -- scores beyond the float64 range ------------------------------------------------------------------
+
+OVERFLOW = r"scale \* q k\^T overflows float64 .*np\.finfo\(np\.float64\)\.max = 1\.79769e\+308"
+
+
+@pytest.mark.parametrize("call", ["naive_attention", "naive_rows", "naive_attention_backward"])
+@pytest.mark.parametrize("case", ["scale=1e308", "scale=-1e308", "q,k=1e160"])
+def test_float64_score_overflow_is_an_error(rng, call, case):
+    """These used to give lse = inf or NaN (inf - inf) for finite float64 input."""
+    q, k, v = make_qkv(rng, B=1, N=4, Hq=2, D=3)
+    scale = {"scale=1e308": 1e308, "scale=-1e308": -1e308}.get(case)
+    if case == "q,k=1e160":
+        q, k = q * 1e160, k * 1e160
+    run = {"naive_attention": lambda: naive_attention(q, k, v, scale=scale),
+           "naive_rows": lambda: naive_rows(q, k, v, [2, 0], scale=scale),
+           "naive_attention_backward": lambda: naive_attention_backward(q, k, v, rng.standard_normal(q.shape),
+                                                                        scale=scale)}[call]
+    with pytest.raises(OverflowError, match=OVERFLOW):
+        run()
+
+
+def test_overflow_of_a_hidden_score_is_harmless(rng):
+    """Only visible scores count: key 3 overflows against rows 0..2, which causal hides from it."""
+    q, k, v = make_qkv(rng, B=1, N=4, Hq=1, D=2)
+    q[:, :3] = 1e200                                   # q_i . k_j ~ 1e200 for j <= i < 3
+    q[:, 3] = 0.0                                      # row 3 sees key 3 with score 0
+    k_huge = k.copy()
+    k_huge[:, 3] = 1e200                               # q_i . k_3 = 2e400 for i < 3
+    with pytest.raises(OverflowError, match=OVERFLOW):
+        naive_attention(q, k_huge, v)
+    out, lse = naive_attention(q, k_huge, v, causal=True)
+    want_out, want_lse = naive_attention(q, k, v, causal=True)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("dtype,exponent", [(np.float32, 66), (np.float16, 12)])
+def test_low_precision_inputs_too_large_for_their_dtype_products(rng, dtype, exponent):
+    """q, k ~ 2^66 ~ 7e19 in float32 (2^12 in float16): q_i k_j overflows float32 (float16), not float64.
+
+    The oracle computes in float64, so its answer is finite and correct: checked against scipy on scores
+    from einsum, and (since scaling q and k by 2^e and scale by 2^-2e changes no score) the gradients are
+    the unscaled problem's times 2^-e, exactly.
+    """
+    a, b, v = make_qkv(rng, B=1, N=6, Hq=2, D=4, dtype=dtype)
+    q, k = a * dtype(2.0 ** exponent), b * dtype(2.0 ** exponent)
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.abs(q).max() * np.abs(k).max())            # q_i . k_j overflows dtype
+    scale = 2.0 ** (-2 * exponent) / np.sqrt(4)
+    out, lse = naive_attention(q, k, v, causal=True, scale=scale)
+    s = independent_scores(q.astype(np.float64), k.astype(np.float64), scale, True)
+    want_lse = logsumexp(s, axis=-1)
+    want_out = np.einsum("bhij,bjhd->bihd", np.exp(s - want_lse[..., None]), v.astype(np.float64))
+    assert_fp64_close(lse, want_lse, "lse")
+    assert_fp64_close(out, want_out, "out")
+
+    dout = rng.standard_normal(q.shape)
+    got = naive_attention_backward(q, k, v, dout, causal=True, scale=scale)
+    want = naive_attention_backward(a, b, v, dout, causal=True)
+    for name, g, w, factor in zip(("dq", "dk", "dv"), got, want, (2.0 ** -exponent, 2.0 ** -exponent, 1.0)):
+        assert_fp64_close(g, w * factor, name)

@@ -12,7 +12,10 @@ import pytest
 
 from conftest import make_qkv
 from refimpl import (blockwise_attention, blockwise_attention_backward, naive_attention,
-                     naive_attention_backward, simulate_ring)
+                     naive_attention_backward, naive_rows, ring_attention, ring_attention_backward,
+                     simulate_ring)
+from refimpl.comm.sim import SimWorld
+from refimpl.layouts import Contiguous
 
 B, N, Hq, Hkv, D = 2, 6, 4, 2, 3
 
@@ -245,12 +248,42 @@ def test_non_finite_out_is_rejected(bad):
         blockwise_backward_with(out=out)
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf], ids=["nan", "+inf"])
-def test_nan_or_positive_inf_lse_is_rejected(bad):
+LSE_NOT_FINITE = (r"lse contains non-finite values \(first at index \(1, 3, 5\): {}\); with no mask or causal "
+                  r"every query row sees at least one key, so the forward's lse is finite")
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "+inf", "-inf"])
+def test_non_finite_lse_is_rejected(bad):
     lse = naive_attention(*inputs()[:3])[1]
     lse[1, 3, 5] = bad
-    with pytest.raises(ValueError, match=r"lse contains NaN or \+inf \(first at index \(1, 3, 5\)\)"):
+    with pytest.raises(ValueError, match=LSE_NOT_FINITE.format(bad)):
         blockwise_backward_with(lse=lse)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_all_minus_inf_lse_is_rejected_by_both_backwards(causal):
+    """An lse of all -inf used to be accepted and gave wrong gradients (every row read as 'sees no key').
+
+    The forward never returns -inf under the masks these paths take: causal row i sees key i.
+    """
+    q, k, v, dout = inputs()
+    out, lse = blockwise_attention(q, k, v, causal=causal)
+    assert np.isfinite(lse).all()
+    with pytest.raises(ValueError, match=r"lse contains non-finite values \(first at index \(0, 0, 0\): -inf\)"):
+        blockwise_attention_backward(q, k, v, out, np.full_like(lse, -np.inf), dout, causal=causal)
+
+    layout = Contiguous(N, 2)
+
+    def rank_main(comm):
+        shard = [layout.shard(x, comm.rank) for x in (q, k, v, dout)]
+        fwd = ring_attention(*shard[:3], comm, causal=causal)
+        assert np.isfinite(fwd.lse).all()
+        lse = fwd.lse.copy()
+        lse[0, 1, -1] = -np.inf
+        return ring_attention_backward(*shard[:3], fwd.out, lse, shard[3], comm, causal=causal)
+
+    with pytest.raises(ValueError, match=r"rank 0: lse contains non-finite values \(first at index \(0, 1, 2\): -inf\)"):
+        SimWorld(2, 10).run(rank_main)
 
 
 def test_lse_wrong_shape_is_rejected():
@@ -263,3 +296,48 @@ def test_valid_backward_inputs_give_the_oracle_gradients():
     got = blockwise_backward_with()
     for g, w in zip(got, naive_attention_backward(q, k, v, dout)):
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-12 * np.abs(w).max())
+
+
+# -- NumPy masked arrays ------------------------------------------------------------------------------
+
+def call_naive_rows(q, k, v, dout, **kw):
+    return naive_rows(q, k, v, [0, 5], **kw)
+
+
+def call_ring_attention(q, k, v, dout, **kw):
+    """ring_attention and ring_attention_backward themselves, on 2 simulated ranks given their shards."""
+    layout = Contiguous(N, 2)
+
+    def rank_main(comm):
+        shard = [layout.shard(x, comm.rank) for x in (q, k, v, dout)]
+        fwd = ring_attention(*shard[:3], comm, block_q=2, block_k=3, **kw)
+        return ring_attention_backward(*shard[:3], fwd.out, fwd.lse, shard[3], comm, block_q=2, block_k=3, **kw)
+
+    return SimWorld(2, 10).run(rank_main)
+
+
+def hiding_nan(x, index):
+    """x as a masked array whose one masked entry holds NaN: np.sum skips it, so it passed the finite check."""
+    x = np.ma.masked_array(x.copy(), mask=np.zeros(x.shape, bool))
+    x.data[index] = np.nan
+    x.mask[index] = True
+    return x
+
+
+@pytest.mark.parametrize("fn,name", [(fn, name) for fn in ALL + [call_naive_rows, call_ring_attention]
+                                     for name in ("q", "k", "v", "dout")
+                                     if name != "dout" or fn in WITH_DOUT + [call_ring_attention]])
+def test_masked_arrays_are_a_type_error(fn, name):
+    """A NaN under a mask used to pass every check (blockwise and ring returned NaN in out)."""
+    arrays = dict(zip("q k v dout".split(), inputs()))
+    arrays[name] = hiding_nan(arrays[name], (0, 1, 1, 0))
+    with pytest.raises(TypeError, match=rf"{name} must not be a numpy masked array .*"
+                                        rf"pass {name}\.filled\(value\)"):
+        fn(*arrays.values())
+
+
+@pytest.mark.parametrize("name", ["out", "lse"])
+def test_masked_out_or_lse_is_a_type_error(name):
+    good = dict(zip(("out", "lse"), naive_attention(*inputs()[:3])))
+    with pytest.raises(TypeError, match=rf"{name} must not be a numpy masked array"):
+        blockwise_backward_with(**{name: hiding_nan(good[name], (0,) * good[name].ndim)})

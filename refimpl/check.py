@@ -1,25 +1,35 @@
-"""Checking a ring run against the float64 oracle at sizes where the full oracle cannot run.
+"""Checking a ring run against the float64 oracle, with the tolerance rule (``tolerance.py``).
 
-The oracle for one query row needs every key, but never all queries at once. So the check samples rows
-(the first and last row of every shard, where off-by-one errors live, plus evenly spread rows), and
-computes their exact float64 attention one key shard at a time: each rank scores the sampled rows
-against the keys it holds, and the per-shard sums are added up exactly::
+Small runs (B * Hq * N^2 at most ``FULL_CHECK_SCORES``) are checked whole: the shards are gathered on
+rank 0, which runs the oracle and the plain same-precision computation (``plain.py``) on the full arrays.
+
+At larger N the full oracle cannot run, but the oracle for one query row needs every key and never all
+queries at once. So the check samples rows (the first and last row of every shard, where off-by-one
+errors live, plus evenly spread and random rows), and computes their exact float64 attention one key
+shard at a time: each rank scores the sampled rows against the keys it holds, and the per-shard sums are
+added up exactly::
 
     o_r = sum_{j in shard r} exp(s_j - m_r) v_j,   l_r = sum_{j in shard r} exp(s_j - m_r),   m_r = max_j s_j
     M = max_r m_r,   out = sum_r exp(m_r - M) o_r / sum_r exp(m_r - M) l_r,   lse = M + log(sum_r exp(m_r - M) l_r)
 
-Only the sampled rows (R x H x D values) ever travel, so the check holds no full tensor on any rank. The
-same code runs on one process holding everything (a single "shard") and under MPI.
+The plain computation of the same rows is the textbook one in the run's precision, shard by shard: the
+row max M is agreed first (a max is exact), then every rank exponentiates its scores against M and the
+per-shard sums are added in rank order, in that precision. That is the textbook computation with its
+sums cut into P pieces, which is how any BLAS sums anyway. Only the sampled rows (R x H x D values) ever
+travel, so the check holds no full tensor on any rank. The same code runs on one process holding
+everything (a single "shard") and under MPI.
+
+In sampled mode ``out``, ``lse`` and ``dq`` are judged; ``dk`` and ``dv`` need every query row and are
+judged by the full check only.
 """
 
 import numpy as np
 
-from .naive import _heads, _visible
+from . import tolerance
+from .naive import _heads, _visible, naive_attention, naive_attention_backward
+from .plain import computing_dtype, plain_outputs
 
-# --check thresholds on the relative error max|x - ref| / max|ref| against the float64 oracle. The tests
-# apply the stricter rule "at most 2x the error of a plain same-precision computation" (specs/tolerances.md).
-# bfloat16 (GPU engine only) has 8 significant bits to float16's 11: its threshold is 8x float16's.
-TOLERANCE = {"float64": 1e-12, "float32": 2e-5, "float16": 5e-3, "bfloat16": 4e-2}
+FULL_CHECK_SCORES = 1 << 22          # the full oracle runs when B * Hq * N^2 is at most this
 
 
 def sample_rows(layout, samples, seed=0):
@@ -31,14 +41,20 @@ def sample_rows(layout, samples, seed=0):
     return np.unique(np.concatenate([edges, spread, extra])).astype(np.int64)
 
 
+def _scores(q_rows, rows, k, k_pos, causal, scale, dtype):
+    """scale * q k^T of the sampled rows against one key shard, in ``dtype``: (B, H, R, n), -inf if hidden."""
+    Hq = q_rows.shape[2]
+    s = (q_rows.astype(dtype).transpose(0, 2, 1, 3) @ _heads(k, Hq).astype(dtype).transpose(0, 1, 3, 2))
+    s *= dtype.type(scale)
+    return np.where(_visible(rows, k_pos, causal, None), s, dtype.type(-np.inf))
+
+
 def _partial(q_rows, rows, k, v, k_pos, causal, scale):
     """float64 sums of the sampled rows over one key shard: o (B, H, R, D), m and l (B, H, R)."""
-    Hq = q_rows.shape[2]
-    s = scale * (q_rows.astype(np.float64).transpose(0, 2, 1, 3) @ _heads(k, Hq).transpose(0, 1, 3, 2))
-    s = np.where(_visible(rows, k_pos, causal, None), s, -np.inf)
+    s = _scores(q_rows, rows, k, k_pos, causal, scale, np.dtype(np.float64))
     m = s.max(axis=-1)
     e = np.exp(s - np.where(np.isneginf(m), 0.0, m)[..., None])
-    return e @ _heads(v, Hq), m, e.sum(axis=-1)
+    return e @ _heads(v, q_rows.shape[2]), m, e.sum(axis=-1)
 
 
 def _combine(partials):
@@ -51,33 +67,53 @@ def _combine(partials):
         return np.where(l[..., None] > 0, o / l[..., None], 0.0).transpose(0, 2, 1, 3), M + np.log(l)
 
 
-def _dq_partial(q_rows, do_rows, out_rows, lse_rows, rows, k, v, k_pos, causal, scale):
-    """float64 sum over one key shard of scale * p (dp - delta) k for the sampled rows: (B, H, R, D)."""
+def _dq_partial(q_rows, do_rows, out_rows, lse_rows, rows, k, v, k_pos, causal, scale, dtype):
+    """sum over one key shard of scale * p (dp - delta) k for the sampled rows, in ``dtype``: (B, H, R, D).
+
+    With float64 and the oracle's out and lse this is the oracle's dq; with the run's precision and the
+    plain out and lse, the plain one."""
     Hq = q_rows.shape[2]
-    kh, vh = _heads(k, Hq), _heads(v, Hq)
-    do = do_rows.astype(np.float64).transpose(0, 2, 1, 3)
-    s = scale * (q_rows.astype(np.float64).transpose(0, 2, 1, 3) @ kh.transpose(0, 1, 3, 2))
-    p = np.where(_visible(rows, k_pos, causal, None), np.exp(s - np.where(np.isneginf(lse_rows), 0, lse_rows)[..., None]), 0.0)
-    delta = np.sum(do * out_rows.transpose(0, 2, 1, 3), axis=-1, keepdims=True)
-    return scale * ((p * (do @ vh.transpose(0, 1, 3, 2) - delta)) @ kh)
+    kh, vh = _heads(k, Hq).astype(dtype), _heads(v, Hq).astype(dtype)
+    do = do_rows.astype(dtype).transpose(0, 2, 1, 3)
+    s = _scores(q_rows, rows, k, k_pos, causal, scale, dtype)
+    p = np.exp(s - np.where(np.isneginf(lse_rows), 0, lse_rows).astype(dtype)[..., None])
+    delta = np.sum(do * out_rows.astype(dtype).transpose(0, 2, 1, 3), axis=-1, keepdims=True)
+    return dtype.type(scale) * ((p * (do @ vh.transpose(0, 1, 3, 2) - delta)) @ kh)
 
 
-def relative_error(x, ref):
-    """max |x - ref| / max |ref| over entries where ref is finite (lse = -inf rows must match exactly)."""
-    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-    finite = np.isfinite(ref)
-    if not np.array_equal(np.isfinite(x), finite) or not np.array_equal(x[~finite], ref[~finite]):
-        return float("inf")
-    scale = np.abs(ref[finite]).max() if finite.any() else 0.0
-    return float(np.abs(x[finite] - ref[finite]).max() / scale) if scale > 0 else float(np.abs(x[finite]).max())
+def _plain_rows(comm, gathered_q, rows, k, v, k_pos, causal, scale, dtype):
+    """The textbook computation of the sampled rows in ``dtype``, shard by shard: out (B, R, H, D), lse."""
+    s = _scores(gathered_q, rows, k, k_pos, causal, scale, dtype)
+    M = np.max(comm.allgather(s.max(axis=-1)), axis=0)
+    e = np.exp(s - M[..., None])
+    parts = comm.allgather((e @ _heads(v, gathered_q.shape[2]).astype(dtype), e.sum(axis=-1)))
+    o, l = sum(o_r for o_r, _ in parts), sum(l_r for _, l_r in parts)       # in rank order, in ``dtype``
+    return (o / l[..., None]).transpose(0, 2, 1, 3), M + np.log(l)
 
 
-def sampled_errors(comm, rows, pos, q, k, v, out, lse, *, causal, scale, dout=None, dq=None):
-    """Errors of this run's out, lse (and dq) on the sampled ``rows``, against the float64 oracle.
+def full_verdicts(q, k, v, results, *, causal, scale, dout=None, input_dtype=None):
+    """Judge every output of a run on whole arrays: q (B, N, Hq, D), k, v (B, N, Hkv, D), results
+    {"out", "lse"[, "dq", "dk", "dv"]} in natural order. ``input_dtype`` is the run's dtype when the
+    inputs given here were widened for the oracle (bfloat16 to float32); default q's. Returns
+    {name: Verdict}."""
+    input_dtype = q.dtype if input_dtype is None else np.dtype(input_dtype)
+    refs = dict(zip(("out", "lse"), naive_attention(q, k, v, causal=causal, scale=scale)))
+    if dout is not None:
+        refs.update(zip(("dq", "dk", "dv"), naive_attention_backward(q, k, v, dout, causal=causal, scale=scale)))
+    plain = plain_outputs(q, k, v, dout, causal=causal, scale=scale, round_to=input_dtype)
+    scales = tolerance.Scales.of(q, k, v, dout, scale=scale)
+    return {name: tolerance.judge(name, results[name], refs[name], input_dtype=input_dtype, plain=plain[name],
+                                  scales=scales) for name in refs}
 
-    Every rank of ``comm`` calls this with its own contiguous shard: positions ``pos``, inputs q, k, v,
-    and the ring's out, lse (and dout, dq). Returns {"out": err, "lse": err[, "dq": err]} on every rank.
+
+def sampled_verdicts(comm, rows, pos, q, k, v, results, *, causal, scale, dout=None, input_dtype=None):
+    """Judge out, lse (and dq) of this run on the sampled global ``rows``, against the float64 oracle.
+
+    Every rank of ``comm`` calls this with its own contiguous shard: positions ``pos``, inputs q, k, v
+    (and dout), and the ring's results {"out", "lse"[, "dq"]} for that shard; ``input_dtype`` as for
+    ``full_verdicts``. Returns {name: Verdict} on every rank.
     """
+    input_dtype = q.dtype if input_dtype is None else np.dtype(input_dtype)
     mine = (rows >= pos[0]) & (rows <= pos[-1])
     local = rows[mine] - pos[0]
 
@@ -85,10 +121,18 @@ def sampled_errors(comm, rows, pos, q, k, v, out, lse, *, causal, scale, dout=No
         return np.concatenate(comm.allgather(np.take(x, local, axis=axis)), axis=axis)
 
     q_rows = gathered(q)
-    out_ref, lse_ref = _combine(comm.allgather(_partial(q_rows, rows, k, v, pos, causal, scale)))
-    errors = {"out": relative_error(gathered(out), out_ref), "lse": relative_error(gathered(lse, axis=2), lse_ref)}
+    refs = dict(zip(("out", "lse"), _combine(comm.allgather(_partial(q_rows, rows, k, v, pos, causal, scale)))))
+    dt = computing_dtype(q.dtype)
+    plain = dict(zip(("out", "lse"), _plain_rows(comm, q_rows, rows, k, v, pos, causal, scale, dt)))
     if dout is not None:
-        dq_ref = sum(comm.allgather(_dq_partial(q_rows, gathered(dout), out_ref, lse_ref, rows, k, v, pos,
-                                                causal, scale)))
-        errors["dq"] = relative_error(gathered(dq), dq_ref.transpose(0, 2, 1, 3))
-    return errors
+        do_rows = gathered(dout)
+        refs["dq"] = sum(comm.allgather(_dq_partial(q_rows, do_rows, refs["out"], refs["lse"], rows, k, v, pos,
+                                                    causal, scale, np.dtype(np.float64)))).transpose(0, 2, 1, 3)
+        plain["dq"] = sum(comm.allgather(_dq_partial(q_rows, do_rows, plain["out"], plain["lse"], rows, k, v, pos,
+                                                     causal, scale, dt))).transpose(0, 2, 1, 3)
+    plain = {name: x if name == "lse" else x.astype(input_dtype) for name, x in plain.items()}
+    scales = tolerance.Scales.of(q, k, v, dout, scale=scale)
+    for other in comm.allgather(scales):
+        scales = scales.combine(other)
+    return {name: tolerance.judge(name, gathered(results[name], axis=2 if name == "lse" else 1), refs[name],
+                                  input_dtype=input_dtype, plain=plain[name], scales=scales) for name in refs}

@@ -8,6 +8,7 @@ same function either way, so what the simulation shows is what the cluster runs.
 
 import argparse
 import json
+import math
 import os
 import sys
 import threading
@@ -15,19 +16,37 @@ import time
 
 import numpy as np
 
-from . import check, inputs, validate
+from . import check, inputs, shardfiles, tolerance, validate
 from .blockwise import BLOCK_K, BLOCK_Q
 from .engine import NumpyEngine
 from .layouts import Contiguous
 from .masks import mask_for
-from .naive import naive_attention, naive_attention_backward
 from .ring import ring_attention, ring_attention_backward
 from .schedule import kv_source, plan_tiles
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
 if validate.BFLOAT16 is not None:
     DTYPES["bf16"] = validate.BFLOAT16          # --device gpu only
-FULL_CHECK_SCORES = 1 << 22          # the full oracle runs when B * Hq * N^2 is at most this
+FLAG_OF_DTYPE = {np.dtype(v).name if k != "bf16" else "bfloat16": k for k, v in DTYPES.items()}
+PROBLEM = {"seq": 16384, "batch": 1, "heads": 8, "kv_heads": None, "dim": 64, "dtype": "fp32"}
+# Options that do not shape the job, so ranks may differ in them: --ranks is ignored under MPI, and only
+# rank 0 draws the progress bar.
+RANK_LOCAL = ("ranks", "progress")
+
+
+class UsageError(Exception):
+    """A bad command line. Exits with status 2 and the message; under MPI every rank exits (``main``)."""
+
+    def __init__(self, message, usage=""):
+        super().__init__(message)
+        self.usage = usage
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ``UsageError`` instead of exiting, so an MPI rank can tell its peers first."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: error: {message}", self.format_usage())
 
 
 def _positive(text):
@@ -37,28 +56,56 @@ def _positive(text):
     return value
 
 
-def add_problem_options(p, *, seq, causal, causal_help="causal mask"):
-    """The options that shape one attention problem, shared by ``ringattn run`` and the benchmarks."""
-    p.add_argument("--seq", type=_positive, default=seq, help="sequence length N")
-    p.add_argument("--batch", type=_positive, default=1, help="batch size B")
-    p.add_argument("--heads", type=_positive, default=8, help="query heads Hq")
-    p.add_argument("--kv-heads", type=_positive, default=None, help="key/value heads Hkv (GQA); default: --heads")
-    p.add_argument("--dim", type=_positive, default=64, help="head dimension D")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="input dtype")
+def _seed(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text}")
+    return value
+
+
+def _seconds(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text}")
+    return value
+
+
+def add_problem_options(p, *, seq, causal, causal_help="causal mask", from_files=False):
+    """The options that shape one attention problem, shared by ``ringattn run`` and the benchmarks.
+
+    With ``from_files`` the shape options default to None, so ``ringattn run`` can tell a flag the user
+    gave (which must agree with --input files) from a default (which the files replace)."""
+    defaults = dict(PROBLEM, seq=seq)
+    suffix = " (default: %s; with --input, the files')" if from_files else ""
+
+    def default(name):
+        return None if from_files else defaults[name]
+
+    def helped(text, name):
+        return text + (suffix % defaults[name] if from_files else "")
+
+    p.add_argument("--seq", type=_positive, default=default("seq"), help=helped("sequence length N", "seq"))
+    p.add_argument("--batch", type=_positive, default=default("batch"), help=helped("batch size B", "batch"))
+    p.add_argument("--heads", type=_positive, default=default("heads"), help=helped("query heads Hq", "heads"))
+    p.add_argument("--kv-heads", type=_positive, default=None,
+                   help="key/value heads Hkv (GQA); default: --heads" + (", or the files'" if from_files else ""))
+    p.add_argument("--dim", type=_positive, default=default("dim"), help=helped("head dimension D", "dim"))
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=default("dtype"), help=helped("input dtype", "dtype"))
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=causal, help=causal_help)
     p.add_argument("--block-q", type=_positive, default=BLOCK_Q, help="query rows per tile")
     p.add_argument("--block-k", type=_positive, default=BLOCK_K, help="key columns per tile")
 
 
 def parser():
-    p = argparse.ArgumentParser(prog="ringattn", description=__doc__.split("\n")[0])
+    p = _Parser(prog="ringattn", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="run ring attention and check it against the float64 oracle",
-        description="Run ring attention on deterministic random inputs and compare it with the float64 "
-                    "oracle (fully when small, on sampled rows otherwise). Without MPI it simulates --ranks "
-                    "ranks as threads; under `mpiexec -n P ringattn run` each process is one rank.")
+        description="Run ring attention on deterministic random inputs (or --input files) and compare it with "
+                    "the float64 oracle (fully when small, on sampled rows otherwise). Without MPI it simulates "
+                    "--ranks ranks as threads; under `mpiexec -n P ringattn run` each process is one rank, and "
+                    "every option except --ranks and --progress must be the same on every rank.")
     run.add_argument("--ranks", type=_positive, default=4,
                      help="simulated ranks (ignored under an MPI launch with more than one process)")
     run.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
@@ -67,22 +114,30 @@ def parser():
     run.add_argument("--kernels", choices=("fused", "matmul"), default="fused",
                      help="with --device gpu: the fused flash-attention kernels, or cuBLAS tiles (the baseline; "
                           "fp64 and head dims over 128 always use it)")
-    add_problem_options(run, seq=16384, causal=True)
-    run.add_argument("--seed", type=int, default=0, help="seed of the inputs (values depend on seed and position only)")
+    add_problem_options(run, seq=16384, causal=True, from_files=True)
+    run.add_argument("--seed", type=_seed, default=0,
+                     help="seed of the inputs (values depend on seed and position only)")
     run.add_argument("--backward", action="store_true", help="also run the backward ring and check dq, dk, dv")
     run.add_argument("--samples", type=_positive, default=64,
                      help="query rows to check when N is too large for the full oracle (plus every shard's first and last row)")
     run.add_argument("--check", action="store_true",
-                     help="exit with status 1 if an error exceeds the tolerance of the dtype "
-                          f"({', '.join(f'{k}: {v:g}' for k, v in check.TOLERANCE.items())})")
-    run.add_argument("--json", action="store_true", help="print a machine-readable summary instead of tables")
+                     help="exit with status 1 if an output fails the tolerance rule of specs/tolerances.md "
+                          "(float64: 1e-12 relative; lower precisions: at most 2x the error of a plain "
+                          "same-precision computation, plus a floor)")
+    run.add_argument("--json", action="store_true",
+                     help="print a machine-readable summary instead of tables (strict JSON: an infinite or NaN "
+                          'number is written as the string "inf", "-inf" or "nan")')
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar on stderr for runs longer than 2 s (default: when stderr is a terminal)")
     run.add_argument("--input", metavar="DIR", default=None,
-                     help="memory-map inputs from DIR/{q,k,v[,dout]}.RANK.npy instead of generating them")
+                     help="memory-map inputs from DIR/{q,k,v[,dout]}.RANK.npy instead of generating them; B, N, "
+                          "Hq, Hkv, D and the dtype come from the files, and a flag that contradicts them is an error")
     run.add_argument("--output", metavar="DIR", default=None,
-                     help="write each rank's DIR/{out,lse[,dq,dk,dv]}.RANK.npy")
-    run.add_argument("--timeout", type=float, default=600.0,
+                     help="write each rank's DIR/{out,lse[,dq,dk,dv]}.RANK.npy, then DIR/manifest.json once every "
+                          "rank has finished (a set without a manifest is incomplete)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="let --output replace the files of a previous run in DIR")
+    run.add_argument("--timeout", type=_seconds, default=600.0,
                      help="simulated ranks: longest wait for one message before it is reported as a deadlock")
     return p
 
@@ -121,15 +176,12 @@ def _oracle_input(x):
     return x.astype(np.float32) if x is not None and x.dtype == validate.BFLOAT16 else x
 
 
-def _load_shard(args, name, rank, shape, dtype):
+def _load_shard(args, name, rank, dtype):
     if args.input is None:
-        B, Hq, Hkv, D = shape
         start, stop = int(args.layout.starts[rank]), int(args.layout.starts[rank + 1])
-        return inputs.generate(name, B, Hq if name in ("q", "dout") else Hkv, D, start, stop, args.seed, dtype)
-    path = os.path.join(args.input, f"{name}.{rank}.npy")
-    if not os.path.exists(path):
-        raise ValueError(f"--input: {path} does not exist (expected {{q,k,v[,dout]}}.RANK.npy for every rank)")
-    return np.load(path, mmap_mode="r")
+        heads = args.heads if name in ("q", "dout") else args.kv_heads
+        return inputs.generate(name, args.batch, heads, args.dim, start, stop, args.seed, dtype)
+    return np.load(shardfiles.path(args.input, name, rank), mmap_mode="r")
 
 
 def run_rank(comm, args, engine, on_tile=None):
@@ -137,11 +189,12 @@ def run_rank(comm, args, engine, on_tile=None):
     (complete on rank 0)."""
     r, P = comm.rank, comm.size
     dtype = DTYPES[args.dtype]
-    shape = (args.batch, args.heads, args.kv_heads or args.heads, args.dim)
-    q, k, v = (_load_shard(args, name, r, shape, dtype) for name in ("q", "k", "v"))
-    dout = _load_shard(args, "dout", r, shape, dtype) if args.backward else None
+    q, k, v = (_load_shard(args, name, r, dtype) for name in ("q", "k", "v"))
+    dout = _load_shard(args, "dout", r, dtype) if args.backward else None
     on_engine = [engine.asarray(x) for x in (q, k, v)]
     opts = dict(causal=args.causal, block_q=args.block_q, block_k=args.block_k, on_tile=on_tile, engine=engine)
+    if args.output is not None and args.overwrite and r == 0:
+        shardfiles.clear(args.output)
     comm.barrier()
     t0 = time.perf_counter()
     fwd = ring_attention(*on_engine, comm, **opts)
@@ -153,22 +206,19 @@ def run_rank(comm, args, engine, on_tile=None):
     results = dict(out=fwd.out, lse=fwd.lse, **({"dq": bwd.dq, "dk": bwd.dk, "dv": bwd.dv} if bwd else {}))
     results = {name: engine.to_host(x) for name, x in results.items()}
     if args.output is not None:
-        os.makedirs(args.output, exist_ok=True)
-        for name, x in results.items():
-            np.save(os.path.join(args.output, f"{name}.{r}.npy"), x)
+        _write_outputs(comm, args, results)
     q, k, v, dout = (_oracle_input(x) for x in (q, k, v, dout))
 
-    layout, scale = args.layout, 1.0 / np.sqrt(args.dim)
-    B, Hq, Hkv, _ = shape
-    full = B * Hq * layout.N ** 2 <= FULL_CHECK_SCORES
+    layout, scale = args.layout, 1.0 / math.sqrt(args.dim)
+    full = args.batch * args.heads * layout.N ** 2 <= check.FULL_CHECK_SCORES
     if full:
-        everything = comm.allgather((q, k, v, dout) + tuple(results.values()))
-        errors = _full_errors(everything, layout, args.causal, scale) if r == 0 else {}
+        everything = comm.allgather((q, k, v, dout, results))
+        verdicts = _full_verdicts(everything, layout, args.causal, scale, dtype) if r == 0 else {}
         rows = layout.N
     else:
         sampled = check.sample_rows(layout, args.samples, args.seed)
-        errors = check.sampled_errors(comm, sampled, layout.positions(r), q, k, v, results["out"], results["lse"],
-                                      causal=args.causal, scale=scale, dout=dout, dq=results.get("dq"))
+        verdicts = check.sampled_verdicts(comm, sampled, layout.positions(r), q, k, v, results, causal=args.causal,
+                                          scale=scale, dout=dout, input_dtype=dtype)
         rows = len(sampled)
     stats = comm.allgather(dict(trace=fwd.trace + (bwd.trace if bwd else []),
                                 peak=max(fwd.peak_bytes, bwd.peak_bytes if bwd else 0),
@@ -176,22 +226,38 @@ def run_rank(comm, args, engine, on_tile=None):
                                 rss=_peak_rss() if args.transport == "mpi" else None))
     if r != 0:
         return None
-    tolerance = check.TOLERANCE[np.dtype(dtype).name]
+    B, Hq, Hkv = args.batch, args.heads, args.kv_heads
     return dict(
         transport=args.transport, ranks=P, **engine.describe(), seq=layout.N, batch=B, heads=Hq, kv_heads=Hkv,
-        dim=args.dim,
-        dtype=args.dtype, causal=args.causal, block_q=args.block_q, block_k=args.block_k, seed=args.seed,
-        backward=args.backward,
+        dim=args.dim, dtype=args.dtype, causal=args.causal, block_q=args.block_q, block_k=args.block_k,
+        seed=None if args.input else args.seed, input=args.input, backward=args.backward,
         time_s=dict(forward=max(s["forward_s"] for s in stats),
                     **({"backward": max(s["backward_s"] for s in stats)} if bwd else {})),
-        check=dict(mode="full" if full else "sampled", rows=rows, tolerance=tolerance, errors=errors,
-                   passed=all(e <= tolerance for e in errors.values())),
+        check=dict(mode="full" if full else "sampled", rows=rows,
+                   rule=tolerance.rule_for("out", dtype).why,
+                   outputs={name: v.to_dict() for name, v in verdicts.items()},
+                   passed=all(v.passed for v in verdicts.values())),
         peak_bytes=[s["peak"] for s in stats],
         naive_score_bytes=B * Hq * layout.N ** 2 * np.dtype(dtype).itemsize,
         bytes_sent=[s["sent"] for s in stats],
         **({"peak_rss_bytes": [s["rss"] for s in stats]} if args.transport == "mpi" else {}),
         overlap=_overlap([rec for s in stats for rec in s["trace"]]),
         trace=[rec.summary() for s in stats for rec in s["trace"]])
+
+
+def _write_outputs(comm, args, results):
+    """Every rank writes its partial files; once all have (the allgather), each publishes its own, and
+    rank 0 writes the manifest after a barrier (``shardfiles``)."""
+    shardfiles.write_partial(args.output, comm.rank, results)
+    arrays = comm.allgather({name: (x.shape, x.dtype) for name, x in results.items()})
+    shardfiles.publish(args.output, comm.rank, results)
+    comm.barrier()
+    if comm.rank == 0:
+        params = dict(seq=args.layout.N, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
+                      dtype=args.dtype, causal=args.causal, scale=1.0 / math.sqrt(args.dim), backward=args.backward,
+                      block_q=args.block_q, block_k=args.block_k,
+                      **({"input": os.path.abspath(args.input)} if args.input else {"seed": args.seed}))
+        shardfiles.write_manifest(args.output, params, args.layout.starts, arrays)
 
 
 def _peak_rss():
@@ -206,17 +272,13 @@ def _overlap(trace):
     return dict(compute_s=compute, wait_s=wait, wait_fraction=wait / (compute + wait) if compute + wait else 0.0)
 
 
-def _full_errors(everything, layout, causal, scale):
+def _full_verdicts(everything, layout, causal, scale, dtype):
     """Every output against the full float64 oracle (small N only): shards concatenated on rank 0."""
-    cat = [None if parts[0] is None else layout.unshard(list(parts), axis=2 if i == 5 else 1)
-           for i, parts in enumerate(zip(*everything))]
-    q, k, v, dout, out, lse = cat[:6]
-    out_ref, lse_ref = naive_attention(q, k, v, causal=causal, scale=scale)
-    errors = {"out": check.relative_error(out, out_ref), "lse": check.relative_error(lse, lse_ref)}
-    if dout is not None:
-        refs = naive_attention_backward(q, k, v, dout, causal=causal, scale=scale)
-        errors.update({g: check.relative_error(x, ref) for g, x, ref in zip(("dq", "dk", "dv"), cat[6:], refs)})
-    return errors
+    q, k, v, dout = (None if parts[0] is None else layout.unshard(list(parts))
+                     for parts in list(zip(*everything))[:4])
+    results = {name: layout.unshard([e[4][name] for e in everything], axis=2 if name == "lse" else 1)
+               for name in everything[0][4]}
+    return check.full_verdicts(q, k, v, results, causal=causal, scale=scale, dout=dout, input_dtype=dtype)
 
 
 def _bytes(n):
@@ -260,12 +322,15 @@ def report(summary, out=None):
         w(f"peak RSS per rank: {', '.join(_bytes(b) for b in s['peak_rss_bytes'])}\n")
     w(f"bytes sent per rank: {', '.join(_bytes(b) for b in s['bytes_sent'])}\n\n")
     what = "all rows" if c["mode"] == "full" else f"{c['rows']} sampled rows"
-    w(f"check against the float64 oracle ({what}), relative error max|x - ref| / max|ref|:\n")
-    for name, err in c["errors"].items():
-        w(f"  {name:<4} {err:.3e}  {'ok' if err <= c['tolerance'] else 'EXCEEDS'} (tolerance {c['tolerance']:g})\n")
+    w(f"check against the float64 oracle ({what}); rule: {c['rule']}\n")
+    for name, v in c["outputs"].items():
+        plain = "" if v["plain_error"] is None else f", plain {s['dtype']} {v['plain_error']:.2e}"
+        verdict = "ok" if v["passed"] else f"EXCEEDS, worst at {tuple(v['worst'] or ())}"
+        w(f"  {name:<4} error {v['error']:.2e} (relative {v['relative']:.2e}){plain}, bound {v['bound']:.2e}  "
+          f"{verdict}\n")
     if c["mode"] == "sampled" and s["backward"]:
         w("  dk, dv are checked against the full oracle only when B*Hq*N^2 <= "
-          f"{FULL_CHECK_SCORES}; the test suite covers them at every rank count\n")
+          f"{check.FULL_CHECK_SCORES}; the test suite covers them at every rank count\n")
     w(f"{'PASS' if c['passed'] else 'FAIL'}\n")
 
 
@@ -278,10 +343,10 @@ def _launched_size():
 
 
 def _engine(args):
-    """The engine class of ``--device`` (and ``--kernels``), or a usage error saying what is missing."""
+    """The engine class of ``--device`` (and ``--kernels``), or a ``UsageError`` saying what is missing."""
     if args.device == "cpu":
         if args.dtype == "bf16":
-            parser().error("--dtype bf16 needs --device gpu (the CPU reference takes fp16, fp32 and fp64)")
+            raise UsageError("--dtype bf16 needs --device gpu (the CPU reference takes fp16, fp32 and fp64)")
         return NumpyEngine
     try:
         from gpu.engine import CupyEngine
@@ -289,31 +354,142 @@ def _engine(args):
         if cupy.cuda.runtime.getDeviceCount() < 1:
             raise RuntimeError("CuPy sees no CUDA device")
     except Exception as exc:             # noqa: BLE001 - no CuPy, no driver, no device: one usage error
-        parser().error(f"--device gpu needs CuPy and a CUDA GPU ({type(exc).__name__}: {exc}); "
-                       "install CuPy with: pip install 'ringattn[gpu]'")
+        raise UsageError(f"--device gpu needs CuPy and a CUDA GPU ({type(exc).__name__}: {exc}); "
+                         "install CuPy with: pip install 'ringattn[gpu]'") from None
     return CupyEngine.configured(kernels=args.kernels)
 
 
+def _collective(comm, step):
+    """Run ``step()`` on every rank (or once, with no ``comm``). If it raises ``UsageError`` on any rank,
+    every rank raises that rank's message, so all of them exit together. Returns every rank's result."""
+    if comm is None:
+        return [step()]
+    try:
+        outcome = (step(), None)
+    except UsageError as exc:
+        outcome = (None, (str(exc), exc.usage))
+    everyone = comm.allgather(outcome)
+    for rank, (_, error) in enumerate(everyone):
+        if error is not None:
+            raise UsageError(f"rank {rank}: {error[0]}", error[1])
+    return [result for result, _ in everyone]
+
+
+def _agree(comm, args):
+    """Every option that shapes the job must be the same on every rank; a disagreement names the option
+    and each rank's value."""
+    mine = {key: value for key, value in vars(args).items() if key not in RANK_LOCAL}
+    everyone = comm.allgather(mine)
+    for key in mine:
+        values = [theirs.get(key) for theirs in everyone]
+        if any(value != values[0] for value in values):
+            flag = "--" + key.replace("_", "-")
+            raise UsageError(f"ranks disagree on {flag}: "
+                             + ", ".join(f"rank {r}: {value}" for r, value in enumerate(values)))
+
+
+def _problem(comm, args, P):
+    """Settle B, N, Hq, Hkv, D and the dtype: from the --input files' headers (flags must agree with
+    them), or from the flags and their defaults. Then the layout."""
+    flags = {name: getattr(args, name) for name in PROBLEM}
+    if args.input is not None:
+        try:
+            if comm is None:
+                found = shardfiles.headers(args.input, range(P), args.backward)
+            else:
+                found = dict(enumerate(_collective(comm, lambda: _headers(args, comm.rank))))
+            extra = shardfiles.extra_ranks(args.input, P)
+            if extra:
+                raise ValueError(f"--input: {args.input} holds shards for ranks 0..{extra[-1]}, but this run has "
+                                 f"{P} ranks")
+            B, N, Hq, Hkv, D, dtype = shardfiles.problem(found, P)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        name = FLAG_OF_DTYPE.get(validate.BFLOAT16.name if validate.BFLOAT16 == dtype else dtype.name)
+        if name is None:
+            raise UsageError(f"--input: the files hold {dtype}, expected one of "
+                             + ", ".join(np.dtype(d).name for d in DTYPES.values()))
+        files = dict(seq=N, batch=B, heads=Hq, kv_heads=Hkv, dim=D, dtype=name)
+        for key, value in flags.items():
+            if value is not None and value != files[key]:
+                raise UsageError(f"--{key.replace('_', '-')} {value} contradicts the --input files, which hold "
+                                 f"{key.replace('_', ' ')} {files[key]}; leave the flag out to take the files'")
+        vars(args).update(files)
+    else:
+        vars(args).update({key: PROBLEM[key] if value is None else value for key, value in flags.items()})
+        args.kv_heads = args.kv_heads or args.heads
+        if args.heads % args.kv_heads:
+            raise UsageError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if P > args.seq:
+        raise UsageError(f"{P} ranks exceed --seq {args.seq}: every rank needs at least one token")
+    args.layout = Contiguous(args.seq, P)
+
+
+def _headers(args, rank):
+    try:
+        return shardfiles.headers(args.input, [rank], args.backward)[rank]
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _prepare(comm, args):
+    """Every check of the command line, on every rank, before any work. Returns the engine class."""
+    engine = _collective(comm, lambda: _engine(args))[0]
+    if args.output is not None and not args.overwrite:
+        def fresh():
+            old = shardfiles.existing(args.output)
+            if old:
+                raise UsageError(f"--output {args.output} holds the files of another run ({', '.join(old[:4])}"
+                                 f"{', ...' if len(old) > 4 else ''}); pass --overwrite to replace them")
+        _collective(comm, fresh)
+    if comm is not None:
+        _agree(comm, args)
+    _problem(comm, args, comm.size if comm is not None else args.ranks)
+    return engine
+
+
+def _strict(value):
+    """``value`` with every non-finite float written as the string "inf", "-inf" or "nan" (strict JSON)."""
+    if isinstance(value, dict):
+        return {key: _strict(v) for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    return value
+
+
+def _usage_exit(error, rank=0):
+    """Print a usage error (on rank 0 only: every rank has the same one) and exit with status 2."""
+    if rank == 0:
+        message = str(error)
+        if "ringattn" not in message.split("error:")[0]:
+            message = f"ringattn run: error: {message}"
+        sys.stderr.write(error.usage + message + "\n")
+    raise SystemExit(2)
+
+
 def main(argv=None):
-    args = parser().parse_args(argv)
     mpi_size = _launched_size()          # 1: not an MPI job of several ranks; 0: launched, size unknown
-    args.transport = "simulated" if mpi_size == 1 else "mpi"
-    args.kv_heads = args.kv_heads or args.heads
-    if args.heads % args.kv_heads:
-        parser().error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
-    engine = _engine(args)
+    try:
+        args, parse_error = parser().parse_args(argv), None
+    except UsageError as exc:
+        args, parse_error = None, exc
     comm = None
-    if args.transport == "mpi":
+    if mpi_size != 1:
         from .comm.mpi import MPIComm, install_abort_hook
         comm = MPIComm()
         install_abort_hook(comm)
-        if args.device == "gpu":
-            from gpu.device import select_device
-            select_device(comm)
-    P = comm.size if comm is not None else args.ranks
-    if P > args.seq:
-        parser().error(f"{P} ranks exceed --seq {args.seq}: every rank needs at least one token")
-    args.layout = Contiguous(args.seq, P)
+    try:
+        _collective(comm, lambda: (_ for _ in ()).throw(parse_error) if parse_error else None)
+        args.transport = "simulated" if comm is None else "mpi"
+        engine = _prepare(comm, args)
+    except UsageError as exc:
+        _usage_exit(exc, 0 if comm is None else comm.rank)
+    if comm is not None and args.device == "gpu":
+        from gpu.device import select_device
+        select_device(comm)
+    P = args.layout.P
     mask = mask_for(args.causal)
 
     if comm is not None:
@@ -326,6 +502,7 @@ def main(argv=None):
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, range(P))
                             * (2 if args.backward else 1), show)
+
         def rank_main(comm):
             rank_engine = engine()
             return run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
@@ -334,7 +511,7 @@ def main(argv=None):
     if summary is None:
         return 0
     if args.json:
-        print(json.dumps(summary))
+        print(json.dumps(_strict(summary), allow_nan=False))
     else:
         report(summary)
     return 1 if args.check and not summary["check"]["passed"] else 0

@@ -1,0 +1,232 @@
+"""The tolerance rule: when a result in some precision counts as correct. One rule for everyone.
+
+The command line's ``--check``, ``verify``, ``ringattn check`` and the test suite all judge an output with
+``judge``. A result ``x`` of one output (``out``, ``lse``, ``dq``, ``dk`` or ``dv``) is compared with the
+float64 oracle ``ref`` computed from the same input arrays::
+
+    error  = max |x - ref|                         entries where both are -inf count 0; a NaN, or an
+                                                   infinity where ref is finite, makes it inf
+    bound  = k * error(plain) + floor              plain: ``plain.py``, the textbook computation in the
+                                                   same precision, compared with the same oracle
+    pass   = error <= bound
+
+per dtype of the *inputs* (``RULES``)::
+
+    float64    k = 0 (the oracle *is* the plain float64 computation), floor = 1e-12 S + 64 eps (1 + sigma) T
+    float32    k = 2, floor = 1e-7 S                         (1e-7 ~ one float32 ulp, eps = 1.19e-7)
+    float16    k = 2, floor = half a float16 ulp at S        out, dq, dk, dv are float16: so is plain's
+    bfloat16   k = 2, floor = half a bfloat16 ulp at S       (as float16)
+
+and ``lse``, which every backend returns in float32 for float16/bfloat16 inputs, follows the float32 row.
+k = 2 is flash-attention's test rule: a careful kernel may be up to twice as wrong as the obvious
+computation, never more. The floor only matters when the plain computation happens to be exact.
+
+S is the scale of the output, max |ref| over its finite entries (the error is normwise). When the output
+is exactly zero (N = 1, or equal v rows: the gradient cancels), S is T instead, the size of one term of
+the sum that cancelled (``Scales``), so a correct run is judged against the size of what cancelled, not
+against zero; without ``scales``, S is then 1.
+
+float64 has no plain computation to compare with, so its bound models one: 1e-12 S (about 4500 ulps) plus
+the error that rounding the scores themselves causes. A score s = scale q.k carries an error of a few
+ulps of sigma = scale max|q_i| max|k_j| (the largest possible |s|); that moves lse by as much, and any
+other output by as much times the size T of its terms. At logits of 1e4 this term is what lets a correct
+float64 run pass; at logits of order 1 it is below 1e-12 S.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from .validate import BFLOAT16
+
+OUTPUTS = ("out", "lse", "dq", "dk", "dv")
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The tolerance of one input dtype: ``bound = k * error(plain) + floor``."""
+    dtype: str
+    k: float
+    relative_floor: float        # floor = relative_floor * S (float64, float32)
+    half_ulp_floor: bool         # floor = half the spacing of the output dtype at S (float16, bfloat16)
+    why: str
+
+
+RULES = {
+    "float64": Rule("float64", 0.0, 1e-12, False,
+                    "the oracle is the plain float64 computation; 1e-12 S plus the rounding of the scores"),
+    "float32": Rule("float32", 2.0, 1e-7, False,
+                    "2x plain float32 (flash-attention's rule); floor one float32 ulp of S"),
+    "float16": Rule("float16", 2.0, 0.0, True,
+                    "2x plain float32 rounded to float16; floor half a float16 ulp of S"),
+    "bfloat16": Rule("bfloat16", 2.0, 0.0, True,
+                     "2x plain float32 rounded to bfloat16; floor half a bfloat16 ulp of S"),
+}
+LOGIT_ULPS = 64                  # float64: the scores' rounding, in ulps of sigma (see the module docstring)
+
+
+def dtype_name(dtype):
+    """'float64', 'float32', 'float16' or 'bfloat16', or a ValueError naming the dtype."""
+    dt = np.dtype(dtype)
+    if BFLOAT16 is not None and dt == BFLOAT16:
+        return "bfloat16"
+    if dt.name not in RULES:
+        raise ValueError(f"dtype must be float16, bfloat16, float32 or float64, got {dt}")
+    return dt.name
+
+
+def rule_for(name, input_dtype):
+    """The rule that judges output ``name`` of a backend given inputs of ``input_dtype``: lse of a float16
+    or bfloat16 backend is float32, and is held to the float32 rule."""
+    if name not in OUTPUTS:
+        raise ValueError(f"name must be one of {', '.join(OUTPUTS)}, got {name!r}")
+    dt = dtype_name(input_dtype)
+    return RULES["float32" if name == "lse" and dt in ("float16", "bfloat16") else dt]
+
+
+@dataclass(frozen=True)
+class Scales:
+    """The sizes the rule needs from the inputs, all maxima (so ranks combine them with ``max``).
+
+    sigma    scale * max_i |q_i| * max_j |k_j|   (row norms): the largest |score| possible
+    v        max |v|                             out is a convex combination of v rows
+    dout     max |dout|                          dv_j = sum_i p_ij dout_i
+    dq       2 scale max|dout_i| max|v_j| max|k|  one term of dq_i = scale sum_j p_ij (dp_ij - delta_i) k_j
+    dk       2 scale max|dout_i| max|v_j| max|q|  one term of dk_j (row norms for dout and v)
+    """
+    sigma: float
+    v: float
+    dout: float = 0.0
+    dq: float = 0.0
+    dk: float = 0.0
+
+    @staticmethod
+    def of(q, k, v, dout=None, *, scale):
+        """The scales of host arrays q (B, n, Hq, D), k, v (B, n, Hkv, D), dout (B, n, Hq, D) (any shard)."""
+        def row_norm(x):
+            return float(np.sqrt(np.max(np.sum(np.square(np.asarray(x, np.float64)), axis=-1)))) if x.size else 0.0
+
+        def largest(x):
+            return float(np.max(np.abs(np.asarray(x, np.float64)))) if x.size else 0.0
+
+        scale = abs(float(scale))
+        q_n, k_n = row_norm(q), row_norm(k)
+        fields = dict(sigma=scale * q_n * k_n, v=largest(v))
+        if dout is not None:
+            term = 2 * scale * row_norm(dout) * row_norm(v)
+            fields.update(dout=largest(dout), dq=term * largest(k), dk=term * largest(q))
+        return Scales(**fields)
+
+    def combine(self, other):
+        """The scales of two shards together (the elementwise max)."""
+        return Scales(*(max(a, b) for a, b in zip(asdict(self).values(), asdict(other).values())))
+
+    def term(self, name):
+        """T: the size of one term of output ``name`` (1 for lse, which moves as much as a score does)."""
+        return {"out": self.v, "lse": 1.0, "dq": self.dq, "dk": self.dk, "dv": self.dout}[name]
+
+
+def abs_error(x, ref):
+    """(max |x - ref|, flat index of the worst entry or of the first mismatch). Matching -inf count 0; a
+    NaN in x, or an infinite entry of x or ref that the other does not match, makes the error inf."""
+    x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+    if x.shape != ref.shape:
+        raise ValueError(f"result has shape {x.shape} but the reference has {ref.shape}")
+    if x.size == 0:
+        return 0.0, None
+    both = np.isneginf(x) & np.isneginf(ref)
+    bad = np.isnan(x) | ((np.isinf(x) | np.isinf(ref)) & ~both)
+    if bad.any():
+        return math.inf, int(np.flatnonzero(bad)[0])
+    d = np.abs(np.where(both, 0.0, x - ref))
+    worst = int(np.argmax(d))
+    return float(d.flat[worst]), worst
+
+
+def output_scale(name, ref, scales=None):
+    """S: max |ref| over the finite entries; if that is 0, one term's size T (with ``scales``) or 1."""
+    ref = np.asarray(ref, np.float64)
+    finite = ref[np.isfinite(ref)]
+    s = float(np.abs(finite).max()) if finite.size else 0.0
+    if s == 0 and scales is not None:
+        s = scales.term(name)
+    return s if s > 0 else 1.0
+
+
+@dataclass
+class Verdict:
+    """How one output fared. ``worst`` is the index of the largest error (or of the first NaN/inf)."""
+    name: str
+    dtype: str                       # the rule's dtype
+    error: float                     # max |x - ref|
+    bound: float
+    plain_error: Optional[float]     # max |plain - ref| (None for float64)
+    scale: float                     # S
+    worst: Optional[tuple]
+    x_at_worst: Optional[float]
+    ref_at_worst: Optional[float]
+    nonfinite: Optional[tuple]       # first NaN/inf of x where ref is finite, if any
+
+    @property
+    def passed(self):
+        return bool(self.error <= self.bound)
+
+    @property
+    def relative(self):
+        """error / S: the normwise relative error."""
+        return self.error / self.scale
+
+    @property
+    def ratio(self):
+        """error / bound: at most 1 to pass."""
+        return self.error / self.bound if self.bound > 0 else (0.0 if self.error == 0 else math.inf)
+
+    def line(self):
+        """One line: name, error, bound, ratio, where."""
+        plain = "" if self.plain_error is None else f" (plain {self.plain_error:.2e})"
+        where = "" if self.worst is None else f" worst at {self.worst}: {self.x_at_worst:.6g} vs {self.ref_at_worst:.6g}"
+        nonfinite = "" if self.nonfinite is None else f"; first non-finite at {self.nonfinite}"
+        return (f"{self.name:<4} {'ok  ' if self.passed else 'FAIL'} error {self.error:.2e} <= bound "
+                f"{self.bound:.2e}{plain}  ratio {self.ratio:.2f}{where}{nonfinite}")
+
+    def to_dict(self):
+        d = asdict(self)
+        d.update(passed=self.passed, ratio=self.ratio, relative=self.relative)
+        return d
+
+
+def judge(name, x, ref, *, input_dtype, plain=None, scales=None):
+    """Judge output ``name`` of a backend run on inputs of ``input_dtype``: x and its float64 oracle ``ref``.
+
+    ``plain`` is the plain same-precision result (``plain.plain_outputs``), required unless the rule is
+    float64's. ``scales`` (``Scales``) lets the rule judge outputs that cancel to zero, and adds the score
+    rounding term of float64. Returns a ``Verdict``.
+    """
+    rule = rule_for(name, input_dtype)
+    if rule.k and plain is None:
+        raise ValueError(f"judging {name} in {rule.dtype} needs the plain {rule.dtype} result (plain=)")
+    error, worst = abs_error(x, ref)
+    plain_error = abs_error(plain, ref)[0] if rule.k else None
+    S = output_scale(name, ref, scales)
+    floor = half_ulp(rule.dtype, S) if rule.half_ulp_floor else rule.relative_floor * S
+    if rule.dtype == "float64" and scales is not None:
+        floor += LOGIT_ULPS * float(np.finfo(np.float64).eps) * (1 + scales.sigma) * scales.term(name)
+    bound = float(rule.k * (plain_error or 0.0) + floor)
+    shape = np.shape(x)
+    index = None if worst is None else tuple(int(i) for i in np.unravel_index(worst, shape))
+    xv = rv = None
+    if index is not None:
+        xv, rv = float(np.asarray(x, np.float64)[index]), float(np.asarray(ref, np.float64)[index])
+    nonfinite = index if error == math.inf and not math.isfinite(xv) else None
+    return Verdict(name, rule.dtype, error, bound, plain_error, S, index, xv, rv, nonfinite)
+
+
+SIGNIFICAND_BITS = {"float16": (11, -24), "bfloat16": (8, -133)}   # (bits, exponent of the smallest subnormal)
+
+
+def half_ulp(dtype, S):
+    """Half the spacing of float16 or bfloat16 numbers at magnitude S: the error of rounding to them."""
+    bits, tiniest = SIGNIFICAND_BITS[dtype]
+    return math.ldexp(1.0, max(math.frexp(S)[1] - bits, tiniest) - 1)

@@ -34,7 +34,7 @@ float64 run pass; at logits of order 1 it is below 1e-12 S.
 """
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Optional
 
 import numpy as np
@@ -88,44 +88,54 @@ def rule_for(name, input_dtype):
 
 @dataclass(frozen=True)
 class Scales:
-    """The sizes the rule needs from the inputs, all maxima (so ranks combine them with ``max``).
+    """The sizes the rule needs from the inputs: maxima over the tokens, so shards combine with ``max``.
 
-    sigma    scale * max_i |q_i| * max_j |k_j|   (row norms): the largest |score| possible
-    v        max |v|                             out is a convex combination of v rows
-    dout     max |dout|                          dv_j = sum_i p_ij dout_i
-    dq       2 scale max|dout_i| max|v_j| max|k|  one term of dq_i = scale sum_j p_ij (dp_ij - delta_i) k_j
-    dk       2 scale max|dout_i| max|v_j| max|q|  one term of dk_j (row norms for dout and v)
+    From them (row norms |x_i| over D, scale = the attention scale)::
+
+        sigma   scale |q| |k|                  the largest |score| possible
+        T_out   max |v|                        out is a convex combination of v rows
+        T_dv    max |dout|                     dv_j = sum_i p_ij dout_i
+        T_dq    2 scale |dout| |v| max|k|      one term of dq_i = scale sum_j p_ij (dp_ij - delta_i) k_j
+        T_dk    2 scale |dout| |v| max|q|      one term of dk_j
     """
-    sigma: float
-    v: float
-    dout: float = 0.0
-    dq: float = 0.0
-    dk: float = 0.0
+    scale: float
+    q_norm: float
+    k_norm: float
+    q_max: float
+    k_max: float
+    v_norm: float
+    v_max: float
+    dout_norm: float = 0.0
+    dout_max: float = 0.0
 
     @staticmethod
     def of(q, k, v, dout=None, *, scale):
         """The scales of host arrays q (B, n, Hq, D), k, v (B, n, Hkv, D), dout (B, n, Hq, D) (any shard)."""
-        def row_norm(x):
-            return float(np.sqrt(np.max(np.sum(np.square(np.asarray(x, np.float64)), axis=-1)))) if x.size else 0.0
+        def norm(x):
+            x = np.asarray(x, np.float64)
+            return float(np.sqrt(np.max(np.sum(np.square(x), axis=-1)))) if x.size else 0.0
 
         def largest(x):
-            return float(np.max(np.abs(np.asarray(x, np.float64)))) if x.size else 0.0
+            return float(np.max(np.abs(np.asarray(x, np.float64)))) if np.size(x) else 0.0
 
-        scale = abs(float(scale))
-        q_n, k_n = row_norm(q), row_norm(k)
-        fields = dict(sigma=scale * q_n * k_n, v=largest(v))
-        if dout is not None:
-            term = 2 * scale * row_norm(dout) * row_norm(v)
-            fields.update(dout=largest(dout), dq=term * largest(k), dk=term * largest(q))
-        return Scales(**fields)
+        extra = {} if dout is None else dict(dout_norm=norm(dout), dout_max=largest(dout))
+        return Scales(abs(float(scale)), norm(q), norm(k), largest(q), largest(k), norm(v), largest(v), **extra)
 
     def combine(self, other):
-        """The scales of two shards together (the elementwise max)."""
-        return Scales(*(max(a, b) for a, b in zip(asdict(self).values(), asdict(other).values())))
+        """The scales of two shards together."""
+        if self.scale != other.scale:
+            raise ValueError(f"cannot combine the scales of runs with scale {self.scale} and {other.scale}")
+        return Scales(*(max(a, b) for a, b in zip(astuple(self), astuple(other))))
+
+    @property
+    def sigma(self):
+        return self.scale * self.q_norm * self.k_norm
 
     def term(self, name):
         """T: the size of one term of output ``name`` (1 for lse, which moves as much as a score does)."""
-        return {"out": self.v, "lse": 1.0, "dq": self.dq, "dk": self.dk, "dv": self.dout}[name]
+        grad = 2 * self.scale * self.dout_norm * self.v_norm
+        return {"out": self.v_max, "lse": 1.0, "dq": grad * self.k_max, "dk": grad * self.q_max,
+                "dv": self.dout_max}[name]
 
 
 def abs_error(x, ref):
@@ -140,7 +150,8 @@ def abs_error(x, ref):
     bad = np.isnan(x) | ((np.isinf(x) | np.isinf(ref)) & ~both)
     if bad.any():
         return math.inf, int(np.flatnonzero(bad)[0])
-    d = np.abs(np.where(both, 0.0, x - ref))
+    with np.errstate(invalid="ignore"):
+        d = np.abs(np.where(both, 0.0, x - ref))
     worst = int(np.argmax(d))
     return float(d.flat[worst]), worst
 

@@ -341,3 +341,15 @@ def test_masked_out_or_lse_is_a_type_error(name):
     good = dict(zip(("out", "lse"), naive_attention(*inputs()[:3])))
     with pytest.raises(TypeError, match=rf"{name} must not be a numpy masked array"):
         blockwise_backward_with(**{name: hiding_nan(good[name], (0,) * good[name].ndim)})
+
+
+@pytest.mark.parametrize("name", ["out", "dout", "lse"])
+def test_backward_inputs_of_the_wrong_dtype_are_type_errors(name):
+    """out and dout must be in q's dtype and lse in the accumulation dtype: float32 passed for float64 would
+    otherwise be computed silently at the lower precision."""
+    q, k, v, dout = inputs(np.float64)
+    out, lse = blockwise_attention(q, k, v)
+    named = dict(out=out, dout=dout, lse=lse)
+    named[name] = named[name].astype(np.float32)
+    with pytest.raises(TypeError, match=rf"{name} must have dtype float64, got float32"):
+        blockwise_attention_backward(q, k, v, named["out"], named["lse"], named["dout"])

@@ -1,18 +1,20 @@
 """The MPI transport: real ``mpiexec -n P`` jobs, P = 1..4, oversubscribed on a small machine.
 
 Each job is a subprocess of the venv's own ``mpiexec`` running the venv's python with ``-m mpi4py`` (an
-uncaught exception on any rank aborts the whole job), with one BLAS thread, a timeout, and its process
-group killed if the timeout expires (``mpi_helpers.mpirun``). The scripts the jobs run are in
-``tests/mpi_scripts``.
+uncaught exception on any rank aborts the whole job), with one BLAS thread, a timeout, and every process
+of the job killed if the timeout expires or if one outlives the launcher (``mpi_helpers.mpirun``). The
+scripts the jobs run are in ``tests/mpi_scripts``.
 
 What is checked:
 * ``MPIComm``: a double-buffered ring shift of every dtype, byte counts, collectives, buffer checks, and a
   message whose size differs from the receive buffer (``comm_check.py``);
 * ring attention forward and backward under MPI against the float64 oracle, and *bitwise* against
   ``simulate_ring`` with the same P, inputs and block sizes, for out, lse, dq, dk, dv (``ring_check.py``);
-* failures end the job quickly, non-zero, with the failing rank's message: an exception on one rank
-  (under ``python -m mpi4py`` and under plain python with ``install_abort_hook``), and bad input that is
-  rejected collectively (NaN, a mismatched shard length or dtype, P > N) (``fail_check.py``);
+* failures end the job quickly, non-zero, with the failing rank's message: an exception on one rank in
+  the middle of the ring (under ``python -m mpi4py`` and under plain python with ``install_abort_hook``),
+  and bad input that is rejected collectively (NaN, a mismatched shard length or dtype, P > N)
+  (``fail_check.py``); after an exception, and after a rank of ``ringattn run`` is killed, every process
+  of the job is gone within ``END_SECONDS`` (``specs/protocol.md``, "What ends a job");
 * ``launched_world_size`` on the environments of the common launchers, without MPI, and the error when the
   launcher and mpi4py's MPI library disagree on the world size;
 * the command line under ``mpiexec`` (``python -m mpi4py -m refimpl run`` and the ``ringattn`` script):
@@ -21,21 +23,30 @@ What is checked:
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from conftest import assert_fp64_close, make_dout, make_qkv, rel_err
-from mpi_helpers import BIN, missing, mpirun, script
+from mpi_helpers import BIN, MPIEXEC, Running, finish, missing, mpirun, script, start
 
 import refimpl
 from refimpl.schedule import describe_tag
 
 RANKS = (1, 2, 3, 4)
 BIN_RINGATTN = BIN / "ringattn"
-FAIL_SECONDS = 20.0
+FAIL_SECONDS = 20.0    # from the start of a failing job until its last process exited
+# From a failure (an exception on a rank, or a rank killed) until every process of the job has exited.
+# Measured with mpich 5.0.2's Hydra on 2 cores, idle and with both cores kept busy (8 runs each): medians
+# 0.02-0.18 s, at most 0.36 s, after an exception or a SIGKILL. Nothing in these paths waits on a timer
+# except the abort hook, at most _READ_SECONDS (1 s) for the launcher to read the rank's message.
+END_SECONDS = 5.0
 
 needs_mpi = pytest.mark.skipif(missing() is not None, reason=str(missing()))
 
@@ -206,24 +217,90 @@ def test_ring_counts_bytes_per_step(P, inputs, mpi_runs):
 
 def _assert_failed(job, *messages):
     assert job.returncode != 0, job.describe()
-    assert job.elapsed < FAIL_SECONDS, f"the failing job took {job.elapsed:.1f} s\n{job.describe()}"
+    assert job.ended < FAIL_SECONDS, f"the failing job took {job.ended:.1f} s\n{job.describe()}"
     for message in messages:
         assert message in job.stderr, f"{message!r} not in stderr\n{job.describe()}"
+
+
+def _assert_ended_soon_after_raise(job):
+    """fail_check.py's raise mode stamps the moment rank 1 raised (time.monotonic(): one clock per machine)."""
+    raised = re.search(r"deliberate failure on rank 1 in ring step 1 \(monotonic clock ([0-9.]+)\)", job.stderr)
+    assert raised, job.describe()
+    seconds = job.ended_at - float(raised.group(1))
+    assert seconds < END_SECONDS, f"the last process exited {seconds:.2f} s after the exception\n{job.describe()}"
 
 
 @needs_mpi
 @pytest.mark.parametrize("P", [2, 4])
 def test_exception_on_one_rank_aborts_the_job(P):
-    """Rank 1 raises while the others wait for a message from it: python -m mpi4py aborts everyone."""
+    """Rank 1 raises in ring step 1 while the others wait for its messages: python -m mpi4py aborts everyone."""
     job = mpirun(P, script("fail_check.py"), "raise")
     _assert_failed(job, "RuntimeError: deliberate failure on rank 1")
+    _assert_ended_soon_after_raise(job)
 
 
 @needs_mpi
 def test_abort_hook_under_plain_python():
-    """Without -m mpi4py, install_abort_hook does the same, and names the rank on every line."""
+    """Without -m mpi4py, install_abort_hook does the same, and names the rank on every line.
+
+    Its message must arrive even on a loaded machine, where Hydra's proxy may find the text and the
+    abort request waiting together and forward the abort first (see ``comm.mpi._wait_until_read``).
+    """
     job = mpirun(3, script("fail_check.py"), "raise", "hook", mpi4py=False)
     _assert_failed(job, "rank 1: RuntimeError: deliberate failure on rank 1", "rank 1: Traceback")
+    _assert_ended_soon_after_raise(job)
+
+
+def test_abort_hook_waits_until_the_pipe_is_read(tmp_path):
+    """The hook's wait: returns once the pipe's reader took the text, gives up after its limit, and does
+    not wait on a file."""
+    mpi = pytest.importorskip("refimpl.comm.mpi", reason="mpi4py is not installed")
+    r, w = os.pipe()
+    try:
+        os.write(w, b"rank 1: text")
+        t0 = time.monotonic()
+        mpi._wait_until_read(w, 0.2)                  # nobody reads: gives up after 0.2 s
+        assert 0.2 <= time.monotonic() - t0 < 2.0
+        reader = threading.Timer(0.1, os.read, (r, 100))
+        t0 = time.monotonic()
+        reader.start()
+        mpi._wait_until_read(w, 10.0)                 # returns once the reader took the text
+        waited = time.monotonic() - t0
+        reader.join()
+        assert 0.1 <= waited < 5.0
+    finally:
+        os.close(r)
+        os.close(w)
+    with open(tmp_path / "err.txt", "wb") as f:
+        f.write(b"rank 1: text")
+        f.flush()
+        t0 = time.monotonic()
+        mpi._wait_until_read(f.fileno(), 10.0)
+        assert time.monotonic() - t0 < 1.0
+
+
+@needs_mpi
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds the ranks' processes in /proc")
+@pytest.mark.parametrize("P, victim", [(2, 1), (3, 0)])
+def test_killed_rank_ends_the_job(P, victim):
+    """SIGKILL one rank of ``ringattn run`` in the middle of the ring: the launcher tears the job down, and
+    every process of it is gone within END_SECONDS."""
+    # Far longer than 2 s on any CPU; rank 0 draws its progress bar once the run has lasted 2 s, so the
+    # first output on stderr means the ranks are inside the ring.
+    job = start(P, "run", "--seq", "16384", "--backward", "--progress", "--json", mpi4py=False, entry=BIN_RINGATTN)
+    try:
+        assert job.wait_for_stderr(60), "no progress bar within 60 s"
+        ranks = {rank: pid for pid, rank in job.processes().items() if rank is not None}
+        assert sorted(ranks) == list(range(P)), ranks
+        os.kill(ranks[victim], signal.SIGKILL)
+        killed = time.monotonic()
+    except BaseException:
+        job.kill_all()
+        raise
+    done = finish(job)
+    assert done.returncode != 0, done.describe()
+    seconds = done.ended_at - killed
+    assert seconds < END_SECONDS, f"the last process exited {seconds:.2f} s after the kill\n{done.describe()}"
 
 
 # mode, P, fragments of the message every rank must raise (fragments, so that rewording stays possible)
@@ -327,4 +404,23 @@ def test_cli_mismatched_shard_files(tmp_path):
             np.save(tmp_path / f"{name}.{r}.npy", rng.standard_normal((1, 4, 2, 4)))
     job = mpirun(3, "run", "--seq", "12", "--heads", "2", "--dim", "4", "--dtype", "fp64", "--input", tmp_path,
                  mpi4py=False, entry=BIN_RINGATTN)
-    _assert_failed(job, "rank 1: k has sequence length 4 but q has 5")
+    _assert_failed(job, "--input: k.1.npy has shape (1, 4, 2, 4), expected (1, 5, 2, 4)")
+
+
+@needs_mpi
+@pytest.mark.parametrize("first, message", [
+    (["--seq", "2"], "ranks disagree on --seq: rank 0: 2, rank 1: 512, rank 2: 512"),
+    (["--kv-heads", "4"], "ranks disagree on --kv-heads: rank 0: 4, rank 1: None, rank 2: None"),
+    (["--backward"], "ranks disagree on --backward: rank 0: True, rank 1: False, rank 2: False"),
+    (["--samples", "8"], "ranks disagree on --samples: rank 0: 8, rank 1: 64, rank 2: 64"),
+    (["--dtype", "bf16"], "rank 0: --dtype bf16 needs --device gpu"),
+    (["--bogus"], "rank 0: ringattn: error: unrecognized arguments: --bogus"),
+])
+def test_mismatched_arguments_end_every_rank(first, message):
+    """`mpiexec -n 1 ringattn run --seq 2 : -n 2 ringattn run --seq 512` used to hang: the odd rank exited
+    through SystemExit and the others waited in a barrier. Now every rank compares the options first."""
+    base = ["run", "--seq", "512", "--heads", "2", "--dim", "4", "--no-progress"]
+    cmd = [str(MPIEXEC), "-n", "1", str(BIN_RINGATTN), *base, *first, ":", "-n", "2", str(BIN_RINGATTN), *base]
+    job = finish(Running(cmd, None), timeout=60)
+    assert job.returncode == 2, job.describe()
+    _assert_failed(job, message)

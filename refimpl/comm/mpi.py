@@ -19,8 +19,9 @@ receive buffer: a mismatch is a ``CommError`` naming both ranks and the message
 Failures. A rank that raises must not leave its peers blocked forever in a receive. Under
 ``python -m mpi4py`` an uncaught exception calls ``MPI_Abort``, which kills every rank of the job.
 ``install_abort_hook`` gives a plain ``python`` (or the ``ringattn`` console script) the same behaviour,
-and prefixes the traceback with the failing rank. Errors that every rank can see (bad shapes, NaN, P > N)
-are agreed on collectively (``validate.collective``), so every rank raises the same message.
+prefixes the traceback with the failing rank, and waits until the launcher has read it before aborting.
+Errors that every rank can see (bad shapes, NaN, P > N) are agreed on collectively
+(``validate.collective``), so every rank raises the same message.
 
 Launch detection. ``launched_world_size()`` reads the launcher's environment variables to tell whether
 this process is one rank of an MPI job, *without* importing mpi4py (importing ``mpi4py.MPI`` initializes
@@ -275,13 +276,45 @@ class MPIComm(Comm):
 
 # -- failure handling -------------------------------------------------------------------------------
 
+# How long the abort hook waits for the launcher to read what the failing rank wrote (``_wait_until_read``).
+_READ_SECONDS = 1.0
+
+
+def _wait_until_read(fd, seconds):
+    """Return once the reader of the pipe ``fd`` has taken everything written to it, or after ``seconds``.
+
+    A launcher forwards a rank's stdout and stderr through pipes that it reads in the same event loop as
+    the rank's abort request, and it may act on the abort first: Hydra's ``mpiexec`` exits as soon as it
+    handles an abort, so text still in the pipe, or read after the abort, is lost. Once the pipe is empty,
+    the text is on its way ahead of the abort. ``FIONREAD`` on either end of a Linux pipe counts the
+    unread bytes. Does nothing when ``fd`` is not a pipe (a file or a terminal is written directly).
+    """
+    import fcntl
+    import stat
+    import termios
+
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return
+        deadline = time.monotonic() + seconds
+        unread = bytearray(4)
+        while time.monotonic() < deadline:
+            fcntl.ioctl(fd, termios.FIONREAD, unread)
+            if not int.from_bytes(unread, sys.byteorder):
+                return
+            time.sleep(0.001)
+    except OSError:                        # a closed or odd descriptor must not stop the abort
+        pass
+
+
 def install_abort_hook(comm=None):
     """Make an uncaught exception on any rank end the whole MPI job, with that rank's traceback.
 
     Replaces ``sys.excepthook`` (and ``threading.excepthook``) with a hook that writes ``rank R: `` and
-    the traceback to stderr, flushes stdout and stderr, and calls ``MPI.COMM_WORLD.Abort(1)``: the
-    launcher then kills every other rank, which would otherwise wait forever for a message from the
-    failed one. This is what ``python -m mpi4py`` does; the hook makes a plain ``python`` or the
+    the traceback to stderr, flushes stdout and stderr, waits (at most ``_READ_SECONDS``) until the
+    launcher has read both (``_wait_until_read``), and calls ``MPI.COMM_WORLD.Abort(1)``: the launcher
+    then kills every other rank, which would otherwise wait forever for a message from the failed one.
+    ``python -m mpi4py`` also aborts (without that wait); the hook makes a plain ``python`` or the
     ``ringattn`` console script behave the same. ``comm`` (an ``MPIComm`` or an mpi4py communicator,
     default COMM_WORLD) only supplies the rank for the message. Returns the previous ``sys.excepthook``.
 
@@ -306,6 +339,8 @@ def install_abort_hook(comm=None):
                 pass
             sys.stderr.write("".join(f"rank {rank}: {line}\n" for line in text.rstrip("\n").split("\n")))
             sys.stderr.flush()
+            for fd in (1, 2):
+                _wait_until_read(fd, _READ_SECONDS)
         finally:
             code = 130 if issubclass(exc_type, KeyboardInterrupt) else 1
             MPI.COMM_WORLD.Abort(code)

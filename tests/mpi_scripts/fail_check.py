@@ -3,7 +3,8 @@
 usage: fail_check.py MODE [hook] [errors=DIR]
 
 MODE:
-  raise     rank 1 raises RuntimeError while every other rank blocks in a receive from it
+  raise     rank 1 raises RuntimeError at its first tile of ring step 1 (the message gives the moment on the
+            time.monotonic() clock); the other ranks end up waiting for a message from it
   nan       rank 1's q shard contains a NaN: ring_attention rejects it collectively on every rank
   length    rank 1 holds two tokens too many (a mismatched shard file): rejected collectively
   dtype     rank 1's shard is float32, the others float64: rejected collectively
@@ -15,7 +16,9 @@ With "errors=DIR", each rank that fails ring_attention also writes "ExceptionTyp
 DIR/rank<R>.txt (the ranks' stderr streams interleave, so the test reads these instead).
 """
 
+import itertools
 import sys
+import time
 
 import numpy as np
 
@@ -29,8 +32,15 @@ if "hook" in sys.argv[2:]:
 r, P = comm.rank, comm.size
 
 if mode == "raise":
-    if r == 1:
-        raise RuntimeError("deliberate failure on rank 1")
+    tiles = itertools.count(1)              # shards of 8 tokens in tiles of 2 x 3: 4 x 3 tiles per ring step
+
+    def fail_in_step_1():
+        if next(tiles) == 4 * 3 + 1 and r == 1:
+            raise RuntimeError(f"deliberate failure on rank 1 in ring step 1 (monotonic clock {time.monotonic():.6f})")
+
+    rng = np.random.default_rng(r)
+    q, k, v = (rng.standard_normal((1, 8, 2, 4)) for _ in range(3))
+    ring_attention(q, k, v, comm, block_q=2, block_k=3, on_tile=fail_in_step_1)
     comm.recv(np.empty(4), 1, 99)          # never sent: only an abort ends this wait
     raise AssertionError("unreachable")
 

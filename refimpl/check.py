@@ -128,7 +128,8 @@ def sampled_verdicts(comm, rows, pos, q, k, v, results, *, causal, scale, dout=N
         do_rows = gathered(dout)
         refs["dq"] = sum(comm.allgather(_dq_partial(q_rows, do_rows, refs["out"], refs["lse"], rows, k, v, pos,
                                                     causal, scale, np.dtype(np.float64)))).transpose(0, 2, 1, 3)
-        plain["dq"] = sum(comm.allgather(_dq_partial(q_rows, do_rows, plain["out"], plain["lse"], rows, k, v, pos,
+        stored_out = plain["out"].astype(input_dtype)            # the backward is given out as the run returns it
+        plain["dq"] = sum(comm.allgather(_dq_partial(q_rows, do_rows, stored_out, plain["lse"], rows, k, v, pos,
                                                      causal, scale, dt))).transpose(0, 2, 1, 3)
     plain = {name: x if name == "lse" else x.astype(input_dtype) for name, x in plain.items()}
     scales = tolerance.Scales.of(q, k, v, dout, scale=scale)

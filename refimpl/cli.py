@@ -4,6 +4,9 @@ Every rank runs ``run_rank``: it builds (or memory-maps) only its own shard, run
 ``ring_attention_backward``), and joins the collective check and statistics. Simulated ranks are threads
 over the in-process communicator; under ``mpiexec``/``srun`` each process is one rank over mpi4py. It is the
 same function either way, so what the simulation shows is what the cluster runs.
+
+``ringattn vectors`` (write golden vectors, ``vectors.py``) and ``ringattn check`` (judge a backend against
+them, ``conformance.py``) are parsed and dispatched here too.
 """
 
 import argparse
@@ -16,7 +19,7 @@ import time
 
 import numpy as np
 
-from . import check, inputs, shardfiles, tolerance, validate
+from . import cases, check, conformance, inputs, shardfiles, tolerance, validate, vectors
 from .blockwise import BLOCK_K, BLOCK_Q
 from .engine import NumpyEngine
 from .layouts import Contiguous
@@ -67,6 +70,14 @@ def _seconds(text):
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive, finite number of seconds, got {text}")
+    return value
+
+
+def _two_or_more(text):
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"expected a number of ranks of at least 2 (the case files themselves "
+                                         f"are the single-rank set), got {text}")
     return value
 
 
@@ -139,7 +150,106 @@ def parser():
                      help="let --output replace the files of a previous run in DIR")
     run.add_argument("--timeout", type=_seconds, default=600.0,
                      help="simulated ranks: longest wait for one message before it is reported as a deadlock")
+    _add_vectors(sub)
+    _add_check(sub)
     return p
+
+
+def _add_vectors(sub):
+    p = sub.add_parser(
+        "vectors",
+        help="write golden vectors: the conformance cases with their float64 answers and bounds",
+        description="Write one .npz per case and dtype (inputs q, k, v, dout[, mask]; the float64 oracle's out, "
+                    "lse, dq, dk, dv; the bound of each output), per-rank shards for each --ranks P, and "
+                    "manifest.json (shapes, dtypes and sha256 of every array). The same bytes come out every "
+                    "time on one NumPy and BLAS. Format: specs/vectors.md.")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="directory to write: empty, absent, or holding vectors written before (replaced)")
+    p.add_argument("--suite", choices=sorted(cases.SUITES), default="smoke",
+                   help="the cases (refimpl/cases.py; default: smoke)")
+    p.add_argument("--dtype", dest="dtypes", nargs="+", choices=sorted(cases.DTYPES),
+                   default=list(vectors.DEFAULT_DTYPES),
+                   help=f"input dtypes (default: {' '.join(vectors.DEFAULT_DTYPES)}; bf16 is stored as float32)")
+    p.add_argument("--ranks", metavar="P", nargs="+", type=_two_or_more, default=[],
+                   help="also write the shards of every rank for each of these rank counts (default: none)")
+    p.add_argument("--layout", choices=sorted(vectors.LAYOUTS), default="contiguous",
+                   help="how the shards cut the sequence (default: contiguous)")
+
+
+def _add_check(sub):
+    p = sub.add_parser(
+        "check",
+        help="judge a backend, or the result files of one, against golden vectors",
+        description="Run a backend on every vector file (or read the arrays it wrote) and judge each output "
+                    "against the file's float64 reference and stored bound: error / bound must be at most 1. "
+                    "Shapes and dtypes come from the files. Prints one line per case and the diagnosis of each "
+                    "failure; exits with status 1 if a case fails, 2 if the files or options cannot be used. "
+                    "Under `mpiexec -n P ringattn check` each process is one rank and checks its shard of "
+                    "every case. Format and conventions: specs/vectors.md.")
+    p.add_argument("--vectors", metavar="DIR", required=True, help="the vectors (ringattn vectors --out DIR)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--impl", metavar="MODULE:FUNCTION",
+                        help="the backend: fn(q, k, v, *, causal, scale, dout=None[, mask]) returning {out, lse, "
+                             "dq, dk, dv}; under mpiexec, one rank's fn(..., comm, positions, layout) on its shard. "
+                             "MODULE is imported with the current directory on sys.path. 'refimpl': ringattn's "
+                             "own ring")
+    source.add_argument("--results", metavar="DIR",
+                        help="read the outputs from DIR/STEM.NAME.npy, STEM the vector file's name without .npz, "
+                             "NAME out, lse, dq, dk or dv")
+    p.add_argument("--ranks", metavar="P", type=_positive, default=None,
+                   help="check the shards of P ranks (default: 1, the whole case files; under mpiexec: the "
+                        "job's size). Without mpiexec, only with --results")
+    p.add_argument("--layout", choices=sorted(vectors.LAYOUTS), default="contiguous",
+                   help="the shards' layout (default: contiguous)")
+    p.add_argument("--features", nargs="*", choices=conformance.FEATURES, default=None,
+                   help="what the backend supports; cases that need more are skipped and listed (default: "
+                        f"all; refimpl: {' '.join(conformance.REFIMPL_FEATURES)})")
+    p.add_argument("--outputs", nargs="+", choices=tolerance.OUTPUTS, default=list(tolerance.OUTPUTS),
+                   help="the outputs the backend returns (default: all five; out is required; without dq, dk, "
+                        "dv no dout is passed)")
+    p.add_argument("--dtype", dest="dtypes", nargs="+", choices=sorted(set(cases.DTYPES) | {"bf16"}), default=None,
+                   help="check only the cases of these dtypes (default: every dtype in the vectors)")
+    p.add_argument("--case", dest="names", metavar="NAME", nargs="+", default=None,
+                   help="check only these cases (default: all)")
+    p.add_argument("--json", action="store_true",
+                   help="print the report as strict JSON instead of lines (non-finite numbers as strings)")
+
+
+def _vectors_command(comm, args):
+    """``ringattn vectors``: write the set, print what was written."""
+    if comm is not None:
+        raise UsageError("ringattn vectors: error: writes files from one process; run it without mpiexec")
+    try:
+        manifest = vectors.generate(args.out, suite=args.suite, dtypes=args.dtypes, ranks=args.ranks,
+                                    layout=args.layout)
+    except ValueError as exc:
+        raise UsageError(f"ringattn vectors: error: {exc}") from None
+    files = [vectors.MANIFEST] + [e["file"] for e in manifest["cases"]] + [
+        s["file"] for e in manifest["cases"] for s in e["shards"]]
+    size = sum(os.path.getsize(os.path.join(args.out, f)) for f in files)
+    print(f"wrote {len(files)} files ({_bytes(size)}) to {args.out}: {len(manifest['cases'])} case files "
+          f"({args.suite} suite in {', '.join(args.dtypes)})"
+          + (f", shards for {', '.join(map(str, args.ranks))} ranks ({args.layout})" if args.ranks else ""))
+    return 0
+
+
+def _check_command(comm, args):
+    """``ringattn check``: the report on rank 0; status 1 on every rank when a case fails."""
+    try:
+        report = conformance.check(args.vectors, impl=args.impl, results=args.results, comm=comm, ranks=args.ranks,
+                                   layout=args.layout, features=args.features, outputs=args.outputs,
+                                   dtypes=args.dtypes, names=args.names)
+    except (vectors.VectorsError, conformance.CheckError) as exc:
+        raise UsageError(f"ringattn check: error: {exc}") from None
+    passed = report.passed if report is not None else None
+    if comm is not None:
+        passed = comm.allgather(passed)[0]
+    if report is not None:
+        print(json.dumps(_strict(report.to_dict()), allow_nan=False) if args.json else report.text())
+    return 0 if passed else 1
+
+
+COMMANDS = {"vectors": _vectors_command, "check": _check_command}
 
 
 class Progress:
@@ -482,6 +592,8 @@ def main(argv=None):
         install_abort_hook(comm)
     try:
         _collective(comm, lambda: (_ for _ in ()).throw(parse_error) if parse_error else None)
+        if args.command in COMMANDS:
+            return COMMANDS[args.command](comm, args)
         args.transport = "simulated" if comm is None else "mpi"
         engine = _prepare(comm, args)
     except UsageError as exc:

@@ -8,7 +8,16 @@ running lse), as flash-attention's tests do::
     s   = (q k^T) * scale          the whole (N, N) score matrix, in the computing dtype
     p   = exp(s - rowmax(s)) / l   -inf where the mask hides a key
     out = p v,   lse = rowmax + log l
+    p   = exp(s - lse)             the backward recomputes p from the forward's lse, as stored
     dv  = p^T dout,   ds = p * (dout v^T - rowsum(dout * out)),   dq = scale ds k,   dk = scale ds^T q
+
+The backward's p comes from the lse the forward returns, in the computing dtype (float32 for every
+narrower input), because that is the contract of a backward: it is given out and lse, not the
+probabilities. That lse is rounded to float32, by half an ulp of |lse|, and every probability of its
+row inherits the rounding: a relative error of about eps |lse|, which at logits of 1e4 (|lse| ~ 1e4) is
+6e-4, while e / l on a row that one key dominates is exact. No backward that takes a float32 lse can
+avoid it, so the yardstick makes it too, and nowhere else (as the GPU rule of specs/tolerances.md 3.5
+rounds p where tensor cores must).
 
 float16 and bfloat16 inputs are computed in float32 (as every backend here does) and the outputs that a
 backend returns in the input dtype (out, dq, dk, dv) are rounded to it; lse stays float32. The rule
@@ -25,41 +34,55 @@ def computing_dtype(dtype):
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
-def _probabilities(q, k, causal, scale, dt):
-    """p (B, Hq, N, N) and lse (B, Hq, N), computed entirely in ``dt``."""
+def _scores(q, k, causal, scale, dt, mask):
+    """s (B, Hq, N, N) in ``dt``, -inf where causal or the dense ``mask`` (True = visible) hides a key."""
     Hq, N = q.shape[2], q.shape[1]
     qh = q.astype(dt).transpose(0, 2, 1, 3)
     kh = _heads(k, Hq).astype(dt)
     s = (qh @ kh.transpose(0, 1, 3, 2)) * dt.type(scale)
+    visible = np.ones((N, N), bool) if mask is None else mask
     if causal:
-        s = np.where(np.tril(np.ones((N, N), bool)), s, dt.type(-np.inf))
+        visible = visible & np.tril(np.ones((N, N), bool))
+    return s if visible.all() else np.where(visible, s, dt.type(-np.inf))
+
+
+def _probabilities(q, k, causal, scale, dt, mask):
+    """p (B, Hq, N, N) and lse (B, Hq, N), computed entirely in ``dt``; a row that sees no key gets p = 0
+    and lse = -inf."""
+    s = _scores(q, k, causal, scale, dt, mask)
     m = s.max(axis=-1, keepdims=True)
+    m = np.where(np.isneginf(m), dt.type(0), m)
     e = np.exp(s - m)
     l = e.sum(axis=-1, keepdims=True)
-    return e / l, (m + np.log(l))[..., 0]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(l > 0, e / l, dt.type(0)), (m + np.log(l))[..., 0]
 
 
-def plain_attention(q, k, v, *, causal=False, scale, dtype=np.float32):
+def plain_attention(q, k, v, *, causal=False, scale, dtype=np.float32, mask=None):
     """Textbook attention in ``dtype`` arithmetic (float16/bfloat16 inputs: pass dtype=float32).
 
     q (B, N, Hq, D), k and v (B, N, Hkv, D) -> out (B, N, Hq, D), lse (B, Hq, N), both in ``dtype``.
-    Every row must see at least one key.
+    ``mask``: an optional dense (N, N) bool array, True = visible, combined with ``causal``.
     """
     dt = np.dtype(dtype)
-    p, lse = _probabilities(q, k, causal, scale, dt)
+    p, lse = _probabilities(q, k, causal, scale, dt, mask)
     out = p @ _heads(v, q.shape[2]).astype(dt)
     return out.transpose(0, 2, 1, 3), lse
 
 
-def plain_attention_backward(q, k, v, dout, *, causal=False, scale, dtype=np.float32):
-    """Textbook attention gradients in ``dtype`` arithmetic. Returns dq (B, N, Hq, D), dk, dv (B, N, Hkv, D)."""
+def plain_attention_backward(q, k, v, dout, *, causal=False, scale, dtype=np.float32, out_dtype=None, mask=None):
+    """Textbook attention gradients in ``dtype`` arithmetic, p recomputed from the forward's ``dtype`` lse,
+    and delta from the forward's out as stored (rounded to ``out_dtype``, default ``dtype``).
+    Returns dq (B, N, Hq, D), dk, dv (B, N, Hkv, D)."""
     dt = np.dtype(dtype)
     Hq, Hkv = q.shape[2], k.shape[2]
-    p, _ = _probabilities(q, k, causal, scale, dt)
+    p, lse = _probabilities(q, k, causal, scale, dt, mask)
+    out = (p @ _heads(v, Hq).astype(dt)).astype(dt if out_dtype is None else out_dtype).astype(dt)
+    lse = np.where(np.isneginf(lse), dt.type(0), lse)                    # rows that see no key: p = exp(-inf) = 0
+    p = np.exp(_scores(q, k, causal, scale, dt, mask) - lse[..., None])  # from the lse, as a backward is given
     qh = q.astype(dt).transpose(0, 2, 1, 3)
     kh, vh = _heads(k, Hq).astype(dt), _heads(v, Hq).astype(dt)
     do = dout.astype(dt).transpose(0, 2, 1, 3)
-    out = p @ vh
     dv = p.transpose(0, 1, 3, 2) @ do
     ds = p * (do @ vh.transpose(0, 1, 3, 2) - (do * out).sum(axis=-1, keepdims=True))
     dq = dt.type(scale) * (ds @ kh)
@@ -67,18 +90,20 @@ def plain_attention_backward(q, k, v, dout, *, causal=False, scale, dtype=np.flo
     return dq.transpose(0, 2, 1, 3), _fold_heads(dk, Hkv), _fold_heads(dv, Hkv)
 
 
-def plain_outputs(q, k, v, dout=None, *, causal=False, scale, round_to=None):
+def plain_outputs(q, k, v, dout=None, *, causal=False, scale, round_to=None, mask=None):
     """The plain results a backend with inputs of dtype ``round_to`` (default q's) is compared with, as the
-    backend returns them (bfloat16 inputs may be given widened to float32, with ``round_to`` bfloat16).
+    backend returns them (bfloat16 inputs may be given widened to float32, with ``round_to`` bfloat16);
+    ``mask`` as for ``plain_attention``.
 
     Returns {"out", "lse"[, "dq", "dk", "dv"]}: computed in ``computing_dtype(round_to)``, and out, dq, dk,
     dv rounded to ``round_to`` (float16, bfloat16); lse stays in the computing dtype.
     """
     round_to = q.dtype if round_to is None else np.dtype(round_to)
     dt = computing_dtype(round_to)
-    out, lse = plain_attention(q, k, v, causal=causal, scale=scale, dtype=dt)
+    out, lse = plain_attention(q, k, v, causal=causal, scale=scale, dtype=dt, mask=mask)
     results = {"out": out, "lse": lse}
     if dout is not None:
         results.update(zip(("dq", "dk", "dv"),
-                           plain_attention_backward(q, k, v, dout, causal=causal, scale=scale, dtype=dt)))
+                           plain_attention_backward(q, k, v, dout, causal=causal, scale=scale, dtype=dt,
+                                                    out_dtype=round_to, mask=mask)))
     return {name: x if name == "lse" else x.astype(round_to) for name, x in results.items()}

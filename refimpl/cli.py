@@ -19,7 +19,7 @@ import time
 
 import numpy as np
 
-from . import cases, check, conformance, inputs, shardfiles, tolerance, validate, vectors
+from . import cases, check, conformance, inputs, shardfiles, threads, tolerance, validate, vectors
 from .blockwise import BLOCK_K, BLOCK_Q
 from .engine import NumpyEngine
 from .layouts import Contiguous
@@ -148,6 +148,9 @@ def parser():
                           "rank has finished (a set without a manifest is incomplete)")
     run.add_argument("--overwrite", action="store_true",
                      help="let --output replace the files of a previous run in DIR")
+    run.add_argument("--threads", type=_positive, default=None,
+                     help=f"BLAS threads per rank (default: ${threads.ENV}, else this node's cores divided among "
+                          "its ranks, never more than the BLAS pool the process started with)")
     run.add_argument("--timeout", type=_seconds, default=600.0,
                      help="simulated ranks: longest wait for one message before it is reported as a deadlock")
     _add_vectors(sub)
@@ -341,6 +344,7 @@ def run_rank(comm, args, engine, on_tile=None):
         transport=args.transport, ranks=P, **engine.describe(), seq=layout.N, batch=B, heads=Hq, kv_heads=Hkv,
         dim=args.dim, dtype=args.dtype, causal=args.causal, block_q=args.block_q, block_k=args.block_k,
         seed=None if args.input else args.seed, input=args.input, backward=args.backward,
+        threads=dict(per_rank=args.blas.per_rank, reason=args.blas.reason),
         time_s=dict(forward=max(s["forward_s"] for s in stats),
                     **({"backward": max(s["backward_s"] for s in stats)} if bwd else {})),
         check=dict(mode="full" if full else "sampled", rows=rows,
@@ -421,7 +425,8 @@ def report(summary, out=None):
             w(f"{step:>4} " + "".join(f"{'kv%d %d/%d' % (x['kv_shard'], x['tiles'], x['skipped']):>14}" for x in row) + "\n")
         w("\n")
     times = ", ".join(f"{k} {v:.3f} s" for k, v in s["time_s"].items())
-    w(f"time: {times} (slowest rank)\n")
+    w(f"time: {times} (slowest rank), {s['threads']['per_rank']} BLAS thread(s) per rank "
+      f"({s['threads']['reason']})\n")
     o = s["overlap"]
     w(f"message waits after compute: {o['wait_s']:.3f} s of {o['compute_s'] + o['wait_s']:.3f} s summed over ranks "
       f"({100 * o['wait_fraction']:.1f}%)\n")
@@ -555,6 +560,10 @@ def _prepare(comm, args):
     if comm is not None:
         _agree(comm, args)
     _problem(comm, args, comm.size if comm is not None else args.ranks)
+    try:
+        args.blas = threads.choose(args.layout.P if comm is None else comm.node_size(), args.threads)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return engine
 
 
@@ -609,7 +618,8 @@ def main(argv=None):
         progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, [comm.rank])
                             * (2 if args.backward else 1), show)
         rank_engine = engine()
-        summary = run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
+        with threads.limited(args.blas):
+            summary = run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
     else:
         show = args.progress if args.progress is not None else sys.stderr.isatty()
         progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, range(P))
@@ -618,7 +628,8 @@ def main(argv=None):
         def rank_main(comm):
             rank_engine = engine()
             return run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
-        summary = engine.sim_world(P, args.timeout).run(rank_main)[0]
+        with threads.limited(args.blas):
+            summary = engine.sim_world(P, args.timeout).run(rank_main)[0]
     progress.close()
     if summary is None:
         return 0

@@ -256,6 +256,15 @@ class MPIComm(Comm):
     def allgather(self, value):
         return self.comm.allgather(value)
 
+    def node_size(self):
+        """How many ranks of this communicator share this rank's node (``MPI_Comm_split_type`` with
+        ``MPI_COMM_TYPE_SHARED``): the ranks that divide this node's cores among them."""
+        node = self.comm.Split_type(self.MPI.COMM_TYPE_SHARED)
+        try:
+            return node.Get_size()
+        finally:
+            node.Free()
+
     def barrier(self):
         self.comm.Barrier()
 

@@ -33,11 +33,11 @@ def attend_shard(o_acc, lse_acc, q, k, v, q_pos, k_pos, mask, scale, block_q, bl
     Hkv, acc = k.shape[2], o_acc.dtype
     plan = plan_tiles(q_pos, k_pos, mask, block_q, block_k)
     for qs, cols in plan.rows:
-        qt = tile.q_tile(q[:, qs], Hkv, acc, scale)
+        qt = tile.q_tile(q[:, qs], Hkv, acc)
         o_run, lse_run = tile.grouped(o_acc[:, qs], Hkv), tile.grouped_rows(lse_acc[:, :, qs], Hkv)
         for ks, kind in cols:
             o, lse = tile.attend_tile(qt, tile.kv_tile(k[:, ks], acc), tile.kv_tile(v[:, ks], acc),
-                                      q_pos[qs], k_pos[ks], mask, kind, ws)
+                                      q_pos[qs], k_pos[ks], mask, kind, scale, ws)
             tile.merge(o_run, lse_run, o, lse)
             if on_tile is not None:
                 on_tile()
@@ -68,13 +68,14 @@ def attend_shard_backward(dq_acc, dk_acc, dv_acc, q, k, v, dout, lse, delta, q_p
     Hkv, acc = k.shape[2], dq_acc.dtype
     plan = plan_tiles(q_pos, k_pos, mask, block_q, block_k)
     for qs, cols in plan.rows:
-        qt = tile.q_tile(q[:, qs], Hkv, acc, scale)
+        qt = tile.q_tile(q[:, qs], Hkv, acc)
         dot = tile.q_tile(dout[:, qs], Hkv, acc)
         lse_t, delta_t = tile.grouped_rows(lse[:, :, qs], Hkv), tile.grouped_rows(delta[:, :, qs], Hkv)
         dq_rows = np.zeros(qt.shape, acc)
         for ks, kind in cols:
             dq, dk, dv = tile.attend_tile_backward(qt, tile.kv_tile(k[:, ks], acc), tile.kv_tile(v[:, ks], acc),
-                                                   dot, lse_t, delta_t, q_pos[qs], k_pos[ks], mask, kind, ws)
+                                                   dot, lse_t, delta_t, q_pos[qs], k_pos[ks], mask, kind, scale,
+                                                   ws)
             dq_rows += dq
             dk_acc[:, ks] += dk.transpose(0, 2, 1, 3)
             dv_acc[:, ks] += dv.transpose(0, 2, 1, 3)

@@ -36,6 +36,7 @@ from .layouts import Contiguous
 from .masks import mask_for
 from .schedule import (BACKWARD_DKV, BACKWARD_KV, FORWARD_KV, StepRecord, kv_source, recv_from, send_to,
                        tag)
+from .tile import score_overflow
 
 
 @dataclass
@@ -130,6 +131,9 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
     tokens starting at the sum of the lower ranks' lengths), as arrays of ``engine`` (default: a new
     ``NumpyEngine``). Every rank of ``comm`` must call this together. Returns a ``ShardForward`` with
     out (B, n, Hq, D) and lse (B, Hq, n) for this shard.
+
+    Every row sees at least one key (no mask, or causal with its diagonal), so every lse is finite; one
+    that is not means a score overflowed the accumulation dtype, whatever the engine: ``OverflowError``.
     """
     engine = NumpyEngine() if engine is None else engine
     ring = _Ring(comm, engine, q, k, v, causal, scale, block_q, block_k)
@@ -152,6 +156,11 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
         trace.append(StepRecord("forward", step, r, r, src, plan.computed, plan.skipped,
                                 current.nbytes if requests else 0, compute_s, max(0.0, step_s - compute_s)))
         current = following
+    bad = engine.first_nonfinite(lse)
+    if bad is not None:
+        b, h, i = bad
+        raise score_overflow(ring.acc, f"rank {r}: lse {float(lse[bad])} at batch {b}, query head {h}, "
+                                       f"query position {ring.q_pos[i]}")
     out, lse_out = engine.cast(o, q.dtype), engine.cast(lse, ring.acc)
     peak = (_nbytes(q, k, v, o, lse, *bufs) + engine.workspace_bytes + (0 if out is o else out.nbytes)
             + (0 if lse_out is lse else lse_out.nbytes))

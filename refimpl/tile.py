@@ -19,18 +19,34 @@ set is the partial (o = 0, lse = -inf), the identity of ``merge``.
 Working form. Tiles use a head-grouped layout so that one batched matmul serves GQA without copying
 k or v: query head h = g + G * c reads kv head c, where G = Hq / Hkv::
 
-    q, dout tiles   (B, Hkv, G, bq, D)   accumulation dtype, contiguous; q is pre-multiplied by scale
+    q, dout tiles   (B, Hkv, G, bq, D)   accumulation dtype, contiguous copies
     k, v tiles      (B, Hkv, 1, bk, D)   views of the (B, N, Hkv, D) shard (float32 copies for float16)
     o               (B, Hkv, G, bq, D)
     lse             (B, Hkv, G, bq)      float64 in the forward, whatever the inputs (see ``merge``)
 
 The forward keeps one head's (bq, bk) block of scores alive; the backward one (B, Hkv, G, bq, bk) block
 per buffer (p and ds). They live in a reused ``Workspace``.
+
+Scores are ``s = (q k^T) * scale``: the scale multiplies each product, as in the textbook formula. Scaling
+q first would round every element of ``scale * q``, an error shared by all the scores of a row, which does
+not average out over the keys (it put float32 results over the 2x rule about three times as often:
+``specs/tolerances.md`` section 3.2).
+
+A score that overflows the accumulation dtype would turn the softmax into NaN; ``attend_tile`` raises
+``OverflowError`` instead (``score_overflow``).
 """
 
 import numpy as np
 
 from .masks import PARTIAL
+
+
+def score_overflow(dtype, where):
+    """The ``OverflowError`` for scores that left the range of ``dtype``; ``where`` names the row."""
+    dtype = np.dtype(dtype)
+    return OverflowError(f"attention scores overflowed {dtype.name} ({where}): q.k and scale * q.k must stay "
+                         f"within +-{np.finfo(dtype).max:.3g}, the largest |score| {dtype.name} can hold "
+                         f"(np.finfo({dtype.name}).max); scale q and k down")
 
 
 class Workspace:
@@ -64,11 +80,11 @@ def grouped_rows(lse, Hkv):
     return lse.reshape(B, Hkv, Hq // Hkv, n)
 
 
-def q_tile(x, Hkv, dtype, scale=1.0):
-    """A contiguous working-form copy of a (B, bq, Hq, D) block: (B, Hkv, G, bq, D), times ``scale``."""
+def q_tile(x, Hkv, dtype):
+    """A contiguous working-form copy of a (B, bq, Hq, D) block: (B, Hkv, G, bq, D), in ``dtype``."""
     view = grouped(x, Hkv)
     t = np.empty(view.shape, dtype)
-    np.multiply(view, scale, out=t, dtype=dtype)      # in the accumulation dtype, never in float16
+    np.copyto(t, view)
     return t
 
 
@@ -82,36 +98,47 @@ def _hidden(q_pos, k_pos, mask, kind):
     return ~mask.visible(q_pos, k_pos) if kind == PARTIAL else None
 
 
-def _scores(q, k, hidden, out):
-    """out = q k^T for a working-form tile (any leading dims), with hidden pairs set to -inf."""
+def _scores(q, k, scale, hidden, out):
+    """out = (q k^T) * scale for a working-form tile (any leading dims), with hidden pairs set to -inf."""
     np.matmul(q, k.swapaxes(-1, -2), out=out)
+    np.multiply(out, scale, out=out)
     if hidden is not None:
         np.copyto(out, -np.inf, where=hidden)
     return out
 
 
-def attend_tile(q, k, v, q_pos, k_pos, mask, kind, ws):
+def attend_tile(q, k, v, q_pos, k_pos, mask, kind, scale, ws):
     """Partial attention of a q tile over a k/v tile.
 
-    q (B, Hkv, G, bq, D) pre-scaled; k, v (B, Hkv, 1, bk, D); q_pos (bq,), k_pos (bk,) global positions;
-    ``kind`` is the tile's class from ``mask.classify`` (empty tiles are never passed in).
+    q (B, Hkv, G, bq, D); k, v (B, Hkv, 1, bk, D); q_pos (bq,), k_pos (bk,) global positions; ``kind``
+    is the tile's class from ``mask.classify`` (empty tiles are never passed in).
     Returns o (B, Hkv, G, bq, D) in the accumulation dtype and lse (B, Hkv, G, bq) in float64. A row
     that sees no key of this tile gets o = 0, lse = -inf.
 
     The heads are visited one at a time so that a head's (bq, bk) scores stay in cache through the
-    five passes over them (scores, max, subtract, exp, p v); the row sums l are a matrix-vector product.
+    passes over them (scores, scale, max, subtract, exp, p v); the row sums l are a matrix-vector
+    product. A row max that is NaN or +inf, or -inf on a row that sees a key of the tile, means a score
+    overflowed: ``OverflowError`` (checked per row, on the maxima only).
     """
     B, Hkv, G, bq, D = q.shape
     s = ws.get("s", (bq, k.shape[3]))
     ones = np.ones(k.shape[3], s.dtype)
     hidden = _hidden(q_pos, k_pos, mask, kind)
+    sees_a_key = None if hidden is None else ~hidden.all(axis=1)
     o = np.empty(q.shape[:4] + (v.shape[4],), s.dtype)
     m, l = np.empty(q.shape[:4], s.dtype), np.empty(q.shape[:4], s.dtype)
     for b, c, g in np.ndindex(B, Hkv, G):
-        _scores(q[b, c, g], k[b, c, 0], hidden, s)
+        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is caught below, per row
+            _scores(q[b, c, g], k[b, c, 0], scale, hidden, s)
         row_max = np.max(s, axis=1, out=m[b, c, g])
-        if hidden is not None:
-            row_max[np.isneginf(row_max)] = 0.0          # a row hidden from the whole tile: exp(-inf - 0) = 0
+        finite = np.isfinite(row_max)
+        if not finite.all():
+            overflowed = ~finite if sees_a_key is None else ~finite & sees_a_key
+            if overflowed.any():
+                i = int(np.argmax(overflowed))
+                raise score_overflow(s.dtype, f"batch {b}, query head {c * G + g}, query position {q_pos[i]}: "
+                                              f"row max {row_max[i]}")
+            row_max[~finite] = 0.0                         # a row hidden from the whole tile: exp(-inf - 0) = 0
         np.subtract(s, row_max[:, None], out=s)
         np.exp(s, out=s)                                 # s now holds p * l, unnormalised probabilities
         np.matmul(s, ones, out=l[b, c, g])
@@ -138,20 +165,20 @@ def merge(o_acc, lse_acc, o, lse):
     return o_acc, lse_acc
 
 
-def attend_tile_backward(q, k, v, dout, lse, delta, q_pos, k_pos, mask, kind, ws):
+def attend_tile_backward(q, k, v, dout, lse, delta, q_pos, k_pos, mask, kind, scale, ws):
     """Gradient contributions of one tile, recomputing p = exp(s - lse) from the *final* lse.
 
-    q (B, Hkv, G, bq, D) pre-scaled; dout (B, Hkv, G, bq, D); k, v (B, Hkv, 1, bk, D);
+    q, dout (B, Hkv, G, bq, D); k, v (B, Hkv, 1, bk, D);
     lse, delta (B, Hkv, G, bq), with delta = rowsum(dout * out) and lse = 0 on rows that see no key.
     Returns dq (B, Hkv, G, bq, D) *without* the factor ``scale`` (the caller applies it once per row
     block), and dk, dv (B, Hkv, bk, D) summed over the G query heads of each kv head::
 
-        p  = exp(s - lse)       dv = p^T dout       dp = dout v^T
-        ds = p * (dp - delta)   dq = ds k           dk = ds^T (scale q)
+        s  = (q k^T) * scale    p  = exp(s - lse)       dv = p^T dout       dp = dout v^T
+        ds = p * (dp - delta)   dq = ds k               dk = (ds^T q) * scale
     """
     B, Hkv, G, bq, D = q.shape
     bk = k.shape[3]
-    p = _scores(q, k, _hidden(q_pos, k_pos, mask, kind), ws.get("p", (B, Hkv, G, bq, bk)))
+    p = _scores(q, k, scale, _hidden(q_pos, k_pos, mask, kind), ws.get("p", (B, Hkv, G, bq, bk)))
     np.subtract(p, lse[..., None], out=p)
     np.exp(p, out=p)
     p_rows = p.reshape(B, Hkv, G * bq, bk)              # the G heads of one kv head stacked as rows
@@ -162,4 +189,5 @@ def attend_tile_backward(q, k, v, dout, lse, delta, q_pos, k_pos, mask, kind, ws
     np.multiply(ds, p, out=ds)
     dq = np.matmul(ds, k)
     dk = np.matmul(ds.reshape(B, Hkv, G * bq, bk).swapaxes(-1, -2), q.reshape(B, Hkv, G * bq, D))
+    np.multiply(dk, scale, out=dk)
     return dq, dk, dv

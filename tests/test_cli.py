@@ -72,6 +72,7 @@ def test_sampled_errors_agree_with_naive_rows():
 @pytest.mark.parametrize("seq, full", [(64, True), (1100, False)])
 def test_check_fails_when_error_exceeds_tolerance(capsys, monkeypatch, seq, full):
     monkeypatch.setitem(tolerance.RULES, "float32", tolerance.Rule("float32", 0.0, 0.0, False, "exact"))
+    monkeypatch.setattr(check, "ALLOWANCE", tolerance.Allowance("none", (), (), 0.0, "none"))
     code, s = run_json(capsys, "--seq", str(seq), "--ranks", "2", "--heads", "4", "--dim", "8", "--check")
     assert code == 1 and not s["check"]["passed"] and (s["check"]["mode"] == "full") == full
 

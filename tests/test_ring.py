@@ -15,10 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import (assert_2x_rule, assert_fp64_close, make_dout, make_qkv, plain_attention_backward,
-                      plain_naive_fp32)
+from conftest import (assert_2x_rule, assert_fp64_close, make_dout, make_qkv, plain_attention,
+                      plain_attention_backward, plain_naive_fp32)
 from refimpl import (blockwise_attention, blockwise_attention_backward, naive_attention,
                      naive_attention_backward, simulate_ring)
+from refimpl.engine import NumpyEngine
+from test_blockwise import assert_fp16_rule, near_float32_limit
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
 
@@ -63,6 +65,44 @@ def test_float32_within_twice_plain_float32_error(rng, P, causal):
     assert [x.dtype for x in ours] == [np.float32] * 5
     plain = plain_naive_fp32(q, k, v, causal) + plain_attention_backward(q, k, v, dout, causal, dtype=np.float32)
     for name, got, p, ref in zip(NAMES, ours, plain, oracle(q, k, v, dout, causal)):
+        assert_2x_rule(got, p, ref, name)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("P", [1, 2, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("B,N,Hq,Hkv,D,block_q,block_k", [
+    pytest.param(1, 64, 2, 1, 16, 16, 16, id="N64-D16-MQA"),
+    pytest.param(2, 96, 4, 2, 24, 32, 20, id="N96-D24-GQA"),
+    pytest.param(1, 128, 2, 2, 64, 48, 64, id="N128-D64"),
+])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_low_precision_within_twice_plain_error(dtype, B, N, Hq, Hkv, D, block_q, block_k, causal, P, seed):
+    """All five outputs, float32 by the 2x rule and float16 by its variant (``specs/tolerances.md`` 3.2, 3.3),
+    at sizes where the maximum error is a stable statistic (N >= 64, D >= 16; see the property test)."""
+    rng = np.random.default_rng([seed, N, D, P])
+    q, k, v = make_qkv(rng, B, N, Hq, Hkv, D, dtype=dtype)
+    dout = make_dout(rng, q)
+    _, ours = ring(q, k, v, dout, P, causal, block_q, block_k)
+    plain = plain_attention(q, k, v, causal) + plain_attention_backward(q, k, v, dout, causal)
+    for name, got, p, ref in zip(NAMES, ours, plain, oracle(q, k, v, dout, causal)):
+        if dtype == np.float16 and name != "lse":
+            assert_fp16_rule(got, p.astype(np.float16), ref, name)
+        else:
+            assert_2x_rule(got, p, ref, name)
+
+
+@pytest.mark.parametrize("block_q,block_k", [(64, 8), (26, 43)])
+def test_float32_example_that_failed_the_property_test(block_q, block_k):
+    """A draw of ``test_property_float32_within_twice_plain_float32_error`` that failed once: B = 2, N = 156,
+    one head, D = 24, P = 1, seed 6441153, not causal (dv 2.8 and 3.4 times the plain error at these
+    blocks). The cause was q multiplied by the scale before q k^T (``refimpl/tile.py`` docstring)."""
+    rng = np.random.default_rng(6441153)
+    q, k, v = make_qkv(rng, 2, 156, 1, 1, 24, dtype=np.float32)
+    dout = make_dout(rng, q)
+    _, ours = ring(q, k, v, dout, 1, False, block_q, block_k)
+    plain = plain_naive_fp32(q, k, v) + plain_attention_backward(q, k, v, dout)
+    for name, got, p, ref in zip(NAMES, ours, plain, oracle(q, k, v, dout, False)):
         assert_2x_rule(got, p, ref, name)
 
 
@@ -115,10 +155,10 @@ def test_property_float64_matches_oracle(B, N, heads, D, causal, block_q, block_
 
 # The 2x rule compares two maximum errors of a few ulps each. On tensors of a handful of entries that
 # ratio is dominated by luck (a plain result that happens to round exactly), so the float32 property is
-# drawn at sizes where the maximum is a stable statistic, as in flash-attention's tests; every tiny shape
-# is covered above in float64 at 1e-12. (Measured: 0 of 750 outputs over 150 random cases at these sizes
-# exceed the rule; at N < 40, D < 9 about 1% do, the FA2 backward's delta = rowsum(dout * out) being the
-# main contributor on rows whose gradient cancels.)
+# drawn at sizes where the maximum is a more stable statistic, as in flash-attention's tests; every tiny
+# shape is covered above in float64 at 1e-12. (At N < 40, D < 9 about 1% of outputs exceed the rule.)
+# Even here about one uniform draw in 250 does, by up to 4.5x, through a row that sees few keys and whose
+# gradient cancels: fresh examples (make explore) fail about one run in ten (specs/tolerances.md 3.2).
 ring_cases_fp32 = dict(B=st.integers(1, 2), N=st.integers(64, 160),
                        heads=st.sampled_from([(1, 1), (2, 2), (2, 1), (4, 2)]), D=st.integers(16, 64),
                        causal=st.booleans(), block_q=st.integers(8, 64), block_k=st.integers(8, 64), data=st.data())
@@ -132,6 +172,47 @@ def test_property_float32_within_twice_plain_float32_error(B, N, heads, D, causa
     plain = plain_naive_fp32(q, k, v, causal) + plain_attention_backward(q, k, v, dout, causal, dtype=np.float32)
     for name, got, p, ref in zip(NAMES, ours, plain, oracle(q, k, v, dout, causal)):
         assert_2x_rule(got, p, ref, name)
+
+
+# -- scores that overflow -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_scores_that_overflow_raise(rng, P):
+    """float32 q and k of about 1e20: OverflowError naming float32 and its largest value, not NaN."""
+    q, k, v = make_qkv(rng, 1, 12, 2, 1, 4, dtype=np.float32, magnitude=1e20)
+    with pytest.raises(OverflowError, match=r"overflowed float32 .*3\.4e\+38"):
+        simulate_ring(q, k, v, ranks=P, causal=True, block_q=2, block_k=3, timeout=60)
+
+
+class LseCorruptingEngine(NumpyEngine):
+    """An engine whose forward steps leave one lse entry non-finite, as an overflowing GPU kernel could."""
+    value = np.nan
+
+    def attend(self, o, lse, *args, **kwargs):
+        plan = super().attend(o, lse, *args, **kwargs)
+        lse[0, 1, -1] = self.value
+        return plan
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")      # later merges into the corrupted entry
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_lse_from_any_engine_raises(rng, monkeypatch, value):
+    """Whatever the engine computed, the ring never returns a non-finite lse (every row sees a key)."""
+    monkeypatch.setattr(LseCorruptingEngine, "value", value)
+    q, k, v = make_qkv(rng, 1, 12, 2, 1, 4, dtype=np.float32)
+    with pytest.raises(OverflowError, match=rf"overflowed float32 \(rank \d: lse {value} at batch 0, query head 1, "
+                                            r"query position \d+\).*3\.4e\+38"):
+        simulate_ring(q, k, v, ranks=2, block_q=4, block_k=4, engine=LseCorruptingEngine, timeout=60)
+
+
+@pytest.mark.parametrize("P", [1, 3])
+def test_scores_just_below_the_float32_limit(rng, P):
+    q, k, v = near_float32_limit(rng, 1, 24, 2, 1, 8)
+    result = simulate_ring(q, k, v, ranks=P, causal=True, scale=1.0, block_q=5, block_k=7, timeout=60)
+    want_out, want_lse = naive_attention(q, k, v, causal=True, scale=1.0)
+    plain_out, plain_lse = plain_attention(q, k, v, causal=True, scale=1.0)
+    assert_2x_rule(result.out, plain_out, want_out, "out")
+    assert_2x_rule(result.lse, plain_lse, want_lse, "lse")
 
 
 def test_deterministic(rng):

@@ -6,8 +6,8 @@ identity of ``merge``. These tests check those algebraic facts, then check ``att
 ``attend_tile_backward`` on single tiles against the float64 oracle restricted to the tile's keys
 (the oracle's dense ``mask`` argument hides every key outside the tile).
 
-Working form (see ``refimpl/tile.py``): q and dout tiles are (B, Hkv, G, bq, D) with q pre-multiplied by
-the scale, k and v tiles are (B, Hkv, 1, bk, D), o is (B, Hkv, G, bq, D) and lse is (B, Hkv, G, bq).
+Working form (see ``refimpl/tile.py``): q and dout tiles are (B, Hkv, G, bq, D), k and v tiles are
+(B, Hkv, 1, bk, D), o is (B, Hkv, G, bq, D) and lse is (B, Hkv, G, bq); the tile multiplies q k^T by the scale.
 """
 
 import numpy as np
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import assert_fp64_close, make_qkv, rel_err
+from conftest import assert_2x_rule, assert_fp64_close, make_qkv, plain_attention, rel_err
 from refimpl import masks, naive_attention, naive_attention_backward, tile
 
 F64 = np.float64
@@ -53,8 +53,8 @@ def run_tile(q, k, v, rows, cols, causal, scale=None):
     q_pos, k_pos = np.arange(q.shape[1])[rows], np.arange(k.shape[1])[cols]
     kind = mask.classify(q_pos, k_pos)
     assert kind != masks.EMPTY
-    o, lse = tile.attend_tile(tile.q_tile(q[:, rows], Hkv, F64, scale), tile.kv_tile(k[:, cols], F64),
-                              tile.kv_tile(v[:, cols], F64), q_pos, k_pos, mask, kind, tile.Workspace(F64))
+    o, lse = tile.attend_tile(tile.q_tile(q[:, rows], Hkv, F64), tile.kv_tile(k[:, cols], F64),
+                              tile.kv_tile(v[:, cols], F64), q_pos, k_pos, mask, kind, scale, tile.Workspace(F64))
     return o, lse
 
 
@@ -159,8 +159,9 @@ def test_causal_partial_tile_with_hidden_rows(rng, q_rows, k_cols):
     q_pos, k_pos = np.arange(N)[q_rows], np.arange(N)[k_cols]
     ws = tile.Workspace(F64)
     with np.errstate(**STRICT):                        # no invalid/divide/overflow, no NaN
-        o, lse = tile.attend_tile(tile.q_tile(q[:, q_rows], 2, F64, 1 / np.sqrt(3)), tile.kv_tile(k[:, k_cols], F64),
-                                  tile.kv_tile(v[:, k_cols], F64), q_pos, k_pos, mask, masks.PARTIAL, ws)
+        o, lse = tile.attend_tile(tile.q_tile(q[:, q_rows], 2, F64), tile.kv_tile(k[:, k_cols], F64),
+                                  tile.kv_tile(v[:, k_cols], F64), q_pos, k_pos, mask, masks.PARTIAL,
+                                  1 / np.sqrt(3), ws)
     assert not np.isnan(o).any() and not np.isnan(lse).any()
     hidden = k_pos.min() > q_pos                          # rows that see no key of this tile
     assert np.all(o[..., hidden, :] == 0)
@@ -190,6 +191,40 @@ def test_tile_with_huge_logits_is_finite(rng):
     assert_fp64_close(lse_to_layout(lse), want_lse, "lse")
 
 
+@pytest.mark.parametrize("sign_k,scale,what", [
+    (1, 1.0, "inf"),              # q.k = +2e40: the row max is +inf
+    (-1, 1.0, "-inf"),            # q.k = -2e40 for every visible key: the row max is -inf on a row that sees keys
+    (1, 0.0, "nan"),              # 0 * (q.k = inf): NaN
+])
+@pytest.mark.parametrize("kind", [masks.FULL, masks.PARTIAL])
+def test_tile_raises_on_scores_that_overflow(sign_k, scale, what, kind):
+    """float32 q and k of 1e20 are finite, but their scores are not: the tile names the overflow, the
+    dtype, its largest value and the row, instead of returning NaN."""
+    q = np.full((1, 3, 1, 2), 1e20, np.float32)
+    k = np.full((1, 3, 1, 2), sign_k * 1e20, np.float32)
+    v = np.ones((1, 3, 1, 2), np.float32)
+    pos = np.arange(3)
+    mask = masks.mask_for(kind == masks.PARTIAL)      # causal: the tile's first row sees only key 0
+    with pytest.raises(OverflowError, match=r"overflowed float32 \(.*query position 0: row max " + what +
+                       r"\).*3\.4e\+38.*np\.finfo\(float32\)\.max"):
+        tile.attend_tile(tile.q_tile(q, 1, np.float32), tile.kv_tile(k, np.float32), tile.kv_tile(v, np.float32),
+                         pos, pos, mask, kind, scale, tile.Workspace(np.float32))
+
+
+def test_tile_near_the_float32_limit_matches_oracle(rng):
+    """Scores up to 1e38, below float32's 3.4e38: no error, and the (one-hot) softmax is right."""
+    q, k, v = make_qkv(rng, B=1, N=6, Hq=2, Hkv=1, D=4)
+    c = np.sqrt(1e38 / np.einsum("bnhd,bmkd->nm", np.abs(q), np.abs(k)).max())    # |q.k| <= 1e38, partial sums too
+    q, k, v = (q * c).astype(np.float32), (k * c).astype(np.float32), v.astype(np.float32)
+    o, lse = tile.attend_tile(tile.q_tile(q, 1, np.float32), tile.kv_tile(k, np.float32), tile.kv_tile(v, np.float32),
+                              np.arange(6), np.arange(6), masks.NoMask(), masks.FULL, 1.0, tile.Workspace(np.float32))
+    want_o, want_lse = naive_attention(q, k, v, scale=1.0)
+    assert np.abs(want_lse).max() > 1e37
+    plain_o, plain_lse = plain_attention(q, k, v, scale=1.0)
+    assert_2x_rule(o_to_layout(o), plain_o, want_o, "o")
+    assert_2x_rule(lse_to_layout(lse), plain_lse, want_lse, "lse")
+
+
 # -- attend_tile_backward against the oracle ----------------------------------------------------------
 
 def tile_backward(q, k, v, dout, rows, cols, causal, scale):
@@ -201,9 +236,9 @@ def tile_backward(q, k, v, dout, rows, cols, causal, scale):
     q_pos, k_pos = np.arange(N)[rows], np.arange(N)[cols]
     kind = mask.classify(q_pos, k_pos)
     dq, dk, dv = tile.attend_tile_backward(
-        tile.q_tile(q[:, rows], Hkv, F64, scale), tile.kv_tile(k[:, cols], F64), tile.kv_tile(v[:, cols], F64),
+        tile.q_tile(q[:, rows], Hkv, F64), tile.kv_tile(k[:, cols], F64), tile.kv_tile(v[:, cols], F64),
         tile.q_tile(dout[:, rows], Hkv, F64), tile.grouped_rows(lse[:, :, rows], Hkv),
-        tile.grouped_rows(delta[:, :, rows], Hkv), q_pos, k_pos, mask, kind, tile.Workspace(F64))
+        tile.grouped_rows(delta[:, :, rows], Hkv), q_pos, k_pos, mask, kind, scale, tile.Workspace(F64))
     # dq comes without the factor scale; dk, dv are (B, Hkv, bk, D)
     return scale * o_to_layout(dq), dk.transpose(0, 2, 1, 3), dv.transpose(0, 2, 1, 3)
 

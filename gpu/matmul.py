@@ -32,8 +32,10 @@ def _kv(x):
     return x.transpose(0, 2, 1, 3)[:, :, None]
 
 
-def _scores(qt, kt, hidden):
+def _scores(qt, kt, scale, hidden):
+    """(q k^T) * scale, as in refimpl/tile.py (the scale multiplies the scores, not q), -inf where hidden."""
     s = cp.matmul(qt, kt.swapaxes(-1, -2))
+    s *= s.dtype.type(scale)
     return s if hidden is None else cp.where(hidden, s.dtype.type(-np.inf), s)
 
 
@@ -48,11 +50,11 @@ def attend(o, lse, q, k, v, q_pos, k_pos, mask, scale, plan, on_tile):
     """Fold the plan's tiles into o (B, nq, Hq, D) and the float64 lse (B, Hq, nq); inputs widened."""
     Hkv, acc = k.shape[2], o.dtype
     for qs, cols in plan.rows:
-        qt = _grouped(q[:, qs], Hkv) * acc.type(scale)
+        qt = _grouped(q[:, qs], Hkv)
         o_run = _grouped(o[:, qs], Hkv).copy()
         lse_run = lse[:, :, qs].reshape(qt.shape[:4]).copy()
         for ks, kind in cols:
-            s = _scores(qt, _kv(k[:, ks]), _hidden(mask, q_pos[qs], k_pos[ks], kind))
+            s = _scores(qt, _kv(k[:, ks]), scale, _hidden(mask, q_pos[qs], k_pos[ks], kind))
             m = s.max(axis=-1)
             m = cp.where(m == -np.inf, m.dtype.type(0), m)         # a row hidden from the tile: exp(-inf) = 0
             s = cp.exp(s - m[..., None])
@@ -74,7 +76,7 @@ def attend_backward(dq, dk, dv, q, k, v, dout, lse, delta, q_pos, k_pos, mask, s
     """Add the plan's gradient contributions; q, k, v, dout widened, lse and delta (B, Hq, nq) in acc."""
     B, Hkv, acc = k.shape[0], k.shape[2], dq.dtype
     for qs, cols in plan.rows:
-        qt = _grouped(q[:, qs], Hkv) * acc.type(scale)
+        qt = _grouped(q[:, qs], Hkv)
         dot = _grouped(dout[:, qs], Hkv)
         G, bq, D = qt.shape[2], qt.shape[3], qt.shape[4]
         lse_t = lse[:, :, qs].reshape(B, Hkv, G, bq)
@@ -82,14 +84,14 @@ def attend_backward(dq, dk, dv, q, k, v, dout, lse, delta, q_pos, k_pos, mask, s
         dq_rows = cp.zeros(qt.shape, acc)
         for ks, kind in cols:
             kt, vt = _kv(k[:, ks]), _kv(v[:, ks])
-            p = cp.exp(_scores(qt, kt, _hidden(mask, q_pos[qs], k_pos[ks], kind)) - lse_t[..., None])
+            p = cp.exp(_scores(qt, kt, scale, _hidden(mask, q_pos[qs], k_pos[ks], kind)) - lse_t[..., None])
             bk = p.shape[-1]
             p_rows = p.reshape(B, Hkv, G * bq, bk)
             dv[:, ks] += cp.matmul(p_rows.swapaxes(-1, -2), dot.reshape(B, Hkv, G * bq, D)).transpose(0, 2, 1, 3)
             ds = (cp.matmul(dot, vt.swapaxes(-1, -2)) - delta_t[..., None]) * p
             dq_rows += cp.matmul(ds, kt)
-            dk[:, ks] += cp.matmul(ds.reshape(B, Hkv, G * bq, bk).swapaxes(-1, -2),
-                                   qt.reshape(B, Hkv, G * bq, D)).transpose(0, 2, 1, 3)
+            dk[:, ks] += (cp.matmul(ds.reshape(B, Hkv, G * bq, bk).swapaxes(-1, -2), qt.reshape(B, Hkv, G * bq, D))
+                          * acc.type(scale)).transpose(0, 2, 1, 3)
             if on_tile is not None:
                 on_tile()
         dq[:, qs] += _ungrouped(dq_rows * acc.type(scale))

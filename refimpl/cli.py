@@ -336,7 +336,7 @@ def run_rank(comm, args, engine, on_tile=None):
     stats = comm.allgather(dict(trace=fwd.trace + (bwd.trace if bwd else []),
                                 peak=max(fwd.peak_bytes, bwd.peak_bytes if bwd else 0),
                                 sent=comm.bytes_sent, forward_s=t1 - t0, backward_s=t2 - t1,
-                                rss=_peak_rss() if args.transport == "mpi" else None))
+                                rss=_peak_rss()))
     if r != 0:
         return None
     B, Hq, Hkv = args.batch, args.heads, args.kv_heads
@@ -354,8 +354,9 @@ def run_rank(comm, args, engine, on_tile=None):
         peak_bytes=[s["peak"] for s in stats],
         naive_score_bytes=B * Hq * layout.N ** 2 * np.dtype(dtype).itemsize,
         bytes_sent=[s["sent"] for s in stats],
-        **({"peak_rss_bytes": [s["rss"] for s in stats]} if args.transport == "mpi" else {}),
+        peak_rss_bytes=[s["rss"] for s in (stats if args.transport == "mpi" else stats[:1])],
         overlap=_overlap([rec for s in stats for rec in s["trace"]]),
+        per_rank=_per_rank(stats, B * Hq * args.dim),
         trace=[rec.summary() for s in stats for rec in s["trace"]])
 
 
@@ -377,6 +378,27 @@ def _write_outputs(comm, args, results):
 def _peak_rss():
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+FLOPS_PER_SCORE = {"forward": 4, "backward": 10}   # per score element and head dim: 2 and 5 matrix products
+
+
+def _per_rank(stats, bhd):
+    """One dict per rank: tiles (full, partial, skipped), compute, wait and idle seconds, GFLOP/s.
+
+    ``bhd`` = B * Hq * D. idle is the time a rank spent neither in tiles nor waiting for a message while
+    the slowest rank was still busy: the cost of an uneven schedule."""
+    slowest = max(s["forward_s"] + s["backward_s"] for s in stats)
+    rows = []
+    for r, s in enumerate(stats):
+        trace = s["trace"]
+        compute, wait = sum(x.compute_s for x in trace), sum(x.wait_s for x in trace)
+        flops = sum(FLOPS_PER_SCORE[x.phase] * bhd * x.scores for x in trace)
+        rows.append(dict(rank=r, full=sum(x.tiles - x.partial_tiles for x in trace),
+                         partial=sum(x.partial_tiles for x in trace), skipped=sum(x.skipped for x in trace),
+                         compute_s=compute, wait_s=wait, idle_s=max(0.0, slowest - compute - wait),
+                         gflops=flops / compute / 1e9 if compute > 0 else 0.0))
+    return rows
 
 
 def _overlap(trace):
@@ -418,7 +440,8 @@ def report(summary, out=None):
         recs = [x for x in s["trace"] if x["phase"] == phase]
         if not recs:
             continue
-        w(f"{phase} schedule: kv shard held / tiles computed / tiles skipped, per step (rows) and rank (columns)\n")
+        w(f"{phase} schedule, per step (rows) and rank (columns): 'kvS T/K' = the rank held the K/V shard of "
+          f"rank S, computed T tiles and skipped K fully masked ones\n")
         w("step " + "".join(f"{'rank ' + str(r):>14}" for r in range(s["ranks"])) + "\n")
         for step in range(s["ranks"]):
             row = sorted((x for x in recs if x["step"] == step), key=lambda x: x["rank"])
@@ -427,14 +450,24 @@ def report(summary, out=None):
     times = ", ".join(f"{k} {v:.3f} s" for k, v in s["time_s"].items())
     w(f"time: {times} (slowest rank), {s['threads']['per_rank']} BLAS thread(s) per rank "
       f"({s['threads']['reason']})\n")
+    w("per rank (all phases): tiles full/partial/skipped, seconds in tiles, waiting for messages after them, "
+      "and idle while the slowest rank was busy\n")
+    w(f"{'rank':>4} {'full':>6} {'partial':>7} {'skipped':>7} {'compute s':>10} {'wait s':>8} {'idle s':>8} "
+      f"{'GFLOP/s':>8}\n")
+    for x in s["per_rank"]:
+        w(f"{x['rank']:>4} {x['full']:>6} {x['partial']:>7} {x['skipped']:>7} {x['compute_s']:>10.3f} "
+          f"{x['wait_s']:>8.3f} {x['idle_s']:>8.3f} {x['gflops']:>8.1f}\n")
+    computes = [x["compute_s"] for x in s["per_rank"]]
+    mean = sum(computes) / len(computes)
     o = s["overlap"]
-    w(f"message waits after compute: {o['wait_s']:.3f} s of {o['compute_s'] + o['wait_s']:.3f} s summed over ranks "
-      f"({100 * o['wait_fraction']:.1f}%)\n")
-    w(f"peak memory per rank: {', '.join(_bytes(b) for b in s['peak_bytes'])}"
-      f"   naive attention's score matrix alone: {_bytes(s['naive_score_bytes'])} "
-      f"({s['naive_score_bytes'] / max(s['peak_bytes']):.0f}x a rank's peak)\n")
-    if "peak_rss_bytes" in s:
-        w(f"peak RSS per rank: {', '.join(_bytes(b) for b in s['peak_rss_bytes'])}\n")
+    w(f"imbalance: the busiest rank computed {max(computes) / mean if mean else 1.0:.2f}x the mean; "
+      f"message waits after compute: {o['wait_s']:.3f} s of {o['compute_s'] + o['wait_s']:.3f} s summed over "
+      f"ranks ({100 * o['wait_fraction']:.1f}%), the rest of the transfers hid behind the tiles\n")
+    w(f"memory per rank, accounted (the arrays a rank holds at once, specs/memory.md 4): "
+      f"{', '.join(_bytes(b) for b in s['peak_bytes'])}; naive attention's score matrix alone: "
+      f"{_bytes(s['naive_score_bytes'])} ({s['naive_score_bytes'] / max(s['peak_bytes']):.0f}x)\n")
+    where = "per rank" if s["transport"] == "mpi" else "of the process (all simulated ranks)"
+    w(f"memory measured, peak RSS {where}: {', '.join(_bytes(b) for b in s['peak_rss_bytes'])}\n")
     w(f"bytes sent per rank: {', '.join(_bytes(b) for b in s['bytes_sent'])}\n\n")
     what = "all rows" if c["mode"] == "full" else f"{c['rows']} sampled rows"
     w(f"check against the float64 oracle ({what}); rule: {c['rule']}\n")

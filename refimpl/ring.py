@@ -154,7 +154,8 @@ def ring_attention(q, k, v, comm, *, causal=False, scale=None, block_q=BLOCK_Q, 
         comm.waitall(requests)
         step_s, compute_s = time.perf_counter() - t0, engine.finish()
         trace.append(StepRecord("forward", step, r, r, src, plan.computed, plan.skipped,
-                                current.nbytes if requests else 0, compute_s, max(0.0, step_s - compute_s)))
+                                current.nbytes if requests else 0, compute_s, max(0.0, step_s - compute_s),
+                                plan.partial, plan.scores))
         current = following
     bad = engine.first_nonfinite(lse)
     if bad is not None:
@@ -213,7 +214,7 @@ def ring_attention_backward(q, k, v, out, lse, dout, comm, *, causal=False, scal
         step_s, compute_s = time.perf_counter() - t0, engine.finish()
         trace.append(StepRecord("backward", step, r, r, src, plan.computed, plan.skipped,
                                 grad.nbytes + (current.nbytes if requests else 0), compute_s,
-                                max(0.0, step_s - compute_s)))
+                                max(0.0, step_s - compute_s), plan.partial, plan.scores))
         current = following
     mine = ring.packed(grad_bufs[P % 2], r)
     comm.wait(comm.irecv(mine, recv_from(r, P), tag(BACKWARD_DKV, P - 1)))

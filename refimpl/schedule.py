@@ -14,7 +14,7 @@ stuck receive can say which step it was waiting for (``describe_tag``).
 
 from dataclasses import asdict, dataclass
 
-from .masks import EMPTY
+from .masks import EMPTY, PARTIAL
 
 FORWARD_KV, BACKWARD_KV, BACKWARD_DKV = 0, 1, 2
 _KINDS = {FORWARD_KV: "forward K/V", BACKWARD_KV: "backward K/V", BACKWARD_DKV: "backward dK/dV"}
@@ -46,13 +46,15 @@ def describe_tag(t):
 class StepPlan:
     """The tiles one rank runs in one step: for each q row block, its non-empty kv column blocks."""
     rows: list                      # [(q slice, [(k slice, kind), ...]), ...]
-    computed: int
+    computed: int                   # tiles computed (full and partial)
     skipped: list                   # [(q block index, k block index), ...] of the tiles left out
+    partial: int = 0                # of the computed tiles, how many the mask cuts (the rest are full)
+    scores: int = 0                 # score elements computed: the sum of rows x columns over computed tiles
 
 
 def plan_tiles(q_pos, k_pos, mask, block_q, block_k):
     """Cut q_pos (nq,) x k_pos (nk,) into tiles and classify each; empty tiles are skipped, not run."""
-    rows, computed, skipped = [], 0, []
+    rows, skipped, partial, scores = [], [], 0, 0
     for i0 in range(0, len(q_pos), block_q):
         qs = slice(i0, min(i0 + block_q, len(q_pos)))
         cols = []
@@ -63,10 +65,11 @@ def plan_tiles(q_pos, k_pos, mask, block_q, block_k):
                 skipped.append((i0 // block_q, j0 // block_k))
             else:
                 cols.append((ks, kind))
-        computed += len(cols)
+                partial += kind == PARTIAL
+                scores += (qs.stop - qs.start) * (ks.stop - ks.start)
         if cols:
             rows.append((qs, cols))
-    return StepPlan(rows, computed, skipped)
+    return StepPlan(rows, sum(len(cols) for _, cols in rows), skipped, partial, scores)
 
 
 @dataclass
@@ -77,11 +80,13 @@ class StepRecord:
     rank: int
     q_shard: int                    # whose q rows (always the rank itself)
     kv_shard: int                   # whose K/V shard was attended to
-    tiles: int                      # tiles computed
+    tiles: int                      # tiles computed (full and partial)
     skipped_tiles: list             # tiles skipped as fully masked: (q block index, k block index)
     bytes_sent: int                 # bytes this rank posted to its successor during the step
     compute_s: float = 0.0          # seconds spent in tiles
     wait_s: float = 0.0             # seconds spent waiting for messages after the tiles were done
+    partial_tiles: int = 0          # of the computed tiles, those the mask cuts
+    scores: int = 0                 # score elements computed (per batch and query head)
 
     @property
     def skipped(self):

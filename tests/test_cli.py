@@ -39,8 +39,14 @@ def test_full_check_matches_oracle(capsys, ranks):
     assert s["check"]["mode"] == "full" and s["check"]["passed"]
     assert set(errors(s)) == {"out", "lse", "dq", "dk", "dv"}
     assert max(errors(s).values()) <= 1e-12
-    assert len(s["peak_bytes"]) == len(s["bytes_sent"]) == ranks
+    assert len(s["peak_bytes"]) == len(s["bytes_sent"]) == len(s["per_rank"]) == ranks
     assert len(s["trace"]) == 2 * ranks * ranks
+    for r, row in enumerate(s["per_rank"]):          # the per-rank table adds up the trace
+        mine = [x for x in s["trace"] if x["rank"] == r]
+        assert row["full"] + row["partial"] == sum(x["tiles"] for x in mine)
+        assert row["partial"] == sum(x["partial_tiles"] for x in mine)
+        assert row["skipped"] == sum(x["skipped"] for x in mine)
+        assert row["compute_s"] == pytest.approx(sum(x["compute_s"] for x in mine))
 
 
 def test_sampled_check_matches_oracle(capsys):
@@ -246,6 +252,8 @@ def test_human_report(capsys):
     text = capsys.readouterr().out
     assert "forward schedule" in text and "kv1" in text and "PASS" in text
     assert "naive attention's score matrix" in text
+    assert "memory per rank, accounted" in text and "peak RSS of the process" in text
+    assert "rank   full partial skipped  compute s" in text and "imbalance: the busiest rank computed" in text
 
 
 def test_help_lists_options():

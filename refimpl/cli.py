@@ -59,6 +59,11 @@ def _positive(text):
     return value
 
 
+def _dtype_flag(text):
+    """fp16/bf16/fp32/fp64, or NumPy's name for one of them."""
+    return FLAG_OF_DTYPE.get(text, text)
+
+
 def _seed(text):
     value = int(text)
     if value < 0:
@@ -101,7 +106,8 @@ def add_problem_options(p, *, seq, causal, causal_help="causal mask", from_files
     p.add_argument("--kv-heads", type=_positive, default=None,
                    help="key/value heads Hkv (GQA); default: --heads" + (", or the files'" if from_files else ""))
     p.add_argument("--dim", type=_positive, default=default("dim"), help=helped("head dimension D", "dim"))
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=default("dtype"), help=helped("input dtype", "dtype"))
+    p.add_argument("--dtype", type=_dtype_flag, choices=sorted(DTYPES), default=default("dtype"),
+                   help=helped("input dtype (NumPy's names float16, bfloat16, float32, float64 also work)", "dtype"))
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=causal, help=causal_help)
     p.add_argument("--block-q", type=_positive, default=BLOCK_Q, help="query rows per tile")
     p.add_argument("--block-k", type=_positive, default=BLOCK_K, help="key columns per tile")

@@ -247,6 +247,11 @@ def test_bad_arguments_exit_with_message(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
+def test_dtype_takes_numpy_names(capsys):
+    code, s = run_json(capsys, "--seq", "64", "--heads", "2", "--dim", "4", "--dtype", "float64", "--check")
+    assert code == 0 and s["dtype"] == "fp64"
+
+
 def test_human_report(capsys):
     assert cli.main(["run", "--no-progress", "--seq", "64", "--ranks", "2", "--heads", "2", "--dim", "4"]) == 0
     text = capsys.readouterr().out

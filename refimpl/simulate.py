@@ -54,9 +54,10 @@ def simulate_ring(q, k, v, *, ranks, causal=False, scale=None, dout=None, block_
 
     q (B, N, Hq, D), k and v (B, N, Hkv, D); dout (B, N, Hq, D) optional; host arrays, or arrays of the
     engine. Returns a ``RingResult``. ``progress``, if given, is called with the running count of tiles
-    computed over all ranks. ``timeout`` bounds any single wait on a message (deadlocks are reported at
-    once regardless). ``engine()`` makes one rank's engine; the class says which inputs it takes
-    (``array_type``, ``dtypes``, ``first_nonfinite``) and makes the world of ranks (``sim_world``).
+    computed over all ranks. ``timeout``, a positive finite number of seconds, bounds any single wait on
+    a message (deadlocks are reported at once regardless). ``engine()`` makes one rank's engine; the
+    class says which inputs it takes (``array_type``, ``dtypes``, ``first_nonfinite``) and makes the
+    world of ranks (``sim_world``), which checks ``timeout`` before any rank starts.
     """
     B, N, Hq, Hkv, D = validate.check_qkv(q, k, v, engine)
     P = validate.check_ranks(ranks, N)

@@ -7,27 +7,44 @@ a rank that left early.
 
 Every world here runs on a daemon thread joined with a timeout, so a regression that makes the
 simulator hang fails the test instead of hanging the suite.
+
+It must also stay cheap with thousands of ranks: the tests with hundreds of ranks check the cost
+structure (one wakeup per wait, at most ``running`` ranks at once, the right bits at P=256) rather than
+time it; ``bench/sim_ranks.py`` measures the seconds.
 """
 
+import math
+import os
+import re
 import threading
 import time
 
 import numpy as np
 import pytest
 
+from conftest import assert_fp64_close, make_qkv
+from refimpl import naive_attention, simulate_ring, validate
 from refimpl.comm import CommError, DeadlockError, RankAborted, SimWorld
-from refimpl.schedule import BACKWARD_KV, tag
+from refimpl.engine import NumpyEngine
+from refimpl.layouts import Contiguous
+from refimpl.masks import mask_for
+from refimpl.schedule import BACKWARD_KV, kv_source, tag
 
 JOIN_TIMEOUT = 10.0
 
 
 def run_world(P, fn, timeout=30.0):
-    """Run ``SimWorld(P).run(fn)`` without risking a hang. Returns (results, exception, seconds)."""
+    """Run ``SimWorld(P, timeout).run(fn)`` without risking a hang. Returns (results, exception, seconds)."""
+    return run_in(SimWorld(P, timeout), fn)
+
+
+def run_in(world, fn):
+    """Run ``world.run(fn)`` on a daemon thread joined with a timeout. Returns (results, exception, seconds)."""
     box = {}
 
     def target():
         try:
-            box["results"] = SimWorld(P, timeout).run(fn)
+            box["results"] = world.run(fn)
         except BaseException as exc:        # noqa: BLE001 - handed to the test
             box["error"] = exc
 
@@ -35,7 +52,7 @@ def run_world(P, fn, timeout=30.0):
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     thread.join(JOIN_TIMEOUT)
-    assert not thread.is_alive(), f"SimWorld({P}).run did not return within {JOIN_TIMEOUT} s"
+    assert not thread.is_alive(), f"SimWorld({world.size}).run did not return within {JOIN_TIMEOUT} s"
     return box.get("results"), box.get("error"), time.monotonic() - t0
 
 
@@ -390,3 +407,134 @@ def test_timeout_bounds_a_wait_on_a_busy_peer():
     assert seconds < 5
     assert isinstance(error, DeadlockError)
     assert str(error).startswith("timeout after 0.2 s: rank 0 waits to receive from rank 1: tag 0")
+
+
+# -- the timeout ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("timeout", [0, 0.0, -1, -0.5, math.nan, math.inf, -math.inf])
+def test_timeout_must_be_positive_and_finite(timeout):
+    """0 or less would fail every wait at once, as a false deadlock; NaN or inf would switch it off."""
+    message = f"timeout must be a positive, finite number of seconds, got {timeout}"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SimWorld(2, timeout)
+    q = k = v = np.zeros((1, 4, 1, 2))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        simulate_ring(q, k, v, ranks=2, timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout,name", [("10", "str"), (None, "NoneType"), (True, "bool")])
+def test_timeout_must_be_a_number(timeout, name):
+    with pytest.raises(TypeError, match=f"timeout must be a number of seconds, got {name}"):
+        SimWorld(2, timeout)
+
+
+def test_a_timeout_longer_than_a_lock_can_wait_is_accepted():
+    """1e300 s is finite: a wait longer than threading.TIMEOUT_MAX waits in pieces, not OverflowError."""
+    def main(comm):
+        if comm.rank == 0:
+            time.sleep(0.05)                          # rank 1 is parked in its receive by then
+            comm.send(np.array([7.0]), 1, 0)
+            return None
+        buf = np.empty(1)
+        comm.recv(buf, 0, 0)
+        return buf[0]
+
+    results, error, _ = run_world(2, main, timeout=1e300)
+    assert error is None and results == [None, 7.0]
+
+
+# -- many ranks: the cost structure ---------------------------------------------------------------------
+
+def shift_ring(steps):
+    """``steps`` ring shifts; every rank returns the rank whose value it holds at the end."""
+    def main(comm):
+        P, r = comm.size, comm.rank
+        current = np.array([r])
+        for step in range(steps):
+            following = np.empty_like(current)
+            comm.sendrecv(current, (r + 1) % P, following, (r - 1) % P, tag=step)
+            current = following
+        return int(current[0])
+    return main
+
+
+def test_a_world_runs_again_on_new_threads():
+    world = SimWorld(3, 30)
+    for _ in range(2):
+        results, error, _ = run_in(world, shift_ring(2))
+        assert error is None and results == [1, 2, 0]
+
+
+def test_every_wait_wakes_its_rank_at_most_once():
+    """512 ranks, 3 ring shifts: 2 waits per rank and shift. Each wait parks at most once and is woken
+    once, by what it waited for; no one else is woken (a wakeup per message for every rank would be
+    512 times as many). The other P wakeups are the ranks' first turns."""
+    P, steps = 512, 3
+    world = SimWorld(P, 30)
+    results, error, _ = run_in(world, shift_ring(steps))
+    assert error is None
+    assert results == [(r - steps) % P for r in range(P)]
+    assert P <= world.wakeups <= 2 * P * steps + P
+
+
+def test_at_most_running_ranks_run_at_once():
+    P = 64
+    world = SimWorld(P, 30)
+    lock = threading.Lock()
+    active, peak = [0], [0]
+
+    def main(comm):
+        for step in range(4):
+            with lock:
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+            time.sleep(0.0005)                        # computing, holding the turn
+            with lock:
+                active[0] -= 1
+            comm.sendrecv(np.array([step]), (comm.rank + 1) % P, np.empty(1, int), (comm.rank - 1) % P, step)
+
+    _, error, _ = run_in(world, main)
+    assert error is None
+    assert world.running == min(P, os.cpu_count())
+    assert 1 <= peak[0] <= world.running
+
+
+def test_deadlock_among_many_ranks_is_detected_and_names_every_rank():
+    P = 1024
+    t = tag(BACKWARD_KV, 0)
+
+    def main(comm):
+        comm.recv(np.empty(1), (comm.rank - 1) % P, t)
+
+    _, error, _ = run_world(P, main)
+    assert type(error) is DeadlockError
+    waits = str(error).removeprefix("deadlock: ").split("; ")
+    assert waits == [f"rank {r} waits to receive from rank {(r - 1) % P}: tag {t} (backward K/V of step 0)"
+                     for r in range(P)]
+
+
+def test_ring_of_256_ranks_is_bitwise_each_rank_folding_its_shards():
+    """simulate_ring at P=256 (shards of 1 and 2 tokens) against the same fold with no transport: each
+    rank's engine attends to the K/V shards in ring order, read straight from k and v. Equal bits mean
+    every message arrived intact, in order, at the right rank."""
+    P, N, block = 256, 300, 4
+    q, k, v = make_qkv(np.random.default_rng(8), 1, N, 2, 1, 4)
+    ours = simulate_ring(q, k, v, ranks=P, causal=True, block_q=block, block_k=block, timeout=60)
+
+    layout, mask, scale = Contiguous(N, P), mask_for(True), validate.check_scale(None, q.shape[-1])
+    outs, lses = [], []
+    for r in range(P):
+        engine, q_r = NumpyEngine(), layout.shard(q, r)
+        o = np.zeros(q_r.shape)
+        lse = np.full((1, q.shape[2], layout.length(r)), -np.inf)
+        for step in range(P):
+            src = kv_source(r, step, P)
+            engine.attend(o, lse, q_r, layout.shard(k, src), layout.shard(v, src), layout.positions(r),
+                          layout.positions(src), mask, scale, block, block)
+        outs.append(o)
+        lses.append(lse)
+    np.testing.assert_array_equal(ours.out, np.concatenate(outs, axis=1))
+    np.testing.assert_array_equal(ours.lse, np.concatenate(lses, axis=2))
+    want_out, want_lse = naive_attention(q, k, v, causal=True)
+    assert_fp64_close(ours.out, want_out, "out")
+    assert_fp64_close(ours.lse, want_lse, "lse")

@@ -3,7 +3,9 @@
 Everything in this project that computes attention reduces to these three functions:
 
 ``attend_tile``           one (q tile, k tile) pair -> a partial (o, lse) over just those keys
-``merge``                 fold a partial into a running (o, lse); stable, associative, commutative
+``merge``                 fold a partial into a running (o, lse); stable; associative and commutative in
+                          exact arithmetic, in floating point bitwise commutative but associative only
+                          up to rounding (``specs/algorithm.md`` section 3)
 ``attend_tile_backward``  the flash-attention-2 backward of one tile, recomputing p from the final lse
 
 A partial (o, lse) over a key set S is the exact attention restricted to S: o = sum_{j in S} p_j v_j with

@@ -601,7 +601,8 @@ def _prepare(comm, args):
         _agree(comm, args)
     _problem(comm, args, comm.size if comm is not None else args.ranks)
     try:
-        args.blas = threads.choose(args.layout.P if comm is None else comm.node_size(), args.threads)
+        sharing = args.layout.P if comm is None else (1 if threads.bound_by_launcher() else comm.node_size())
+        args.blas = threads.choose(sharing, args.threads)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return engine

@@ -8,7 +8,9 @@ and `mpiexec -n 2` 10x slower than with one thread each. So each rank gets
     threads = max(1, min(pool, cores // ranks_sharing))
 
 where ``cores`` are the cores this process may run on (its CPU affinity), ``ranks_sharing`` the ranks
-that share them (P for simulated ranks; the ranks on this node under MPI), and ``pool`` the size of the
+that share them (P for simulated ranks; under MPI the ranks on this node, or 1 when the launcher has
+bound this process to a subset of the node's cores, as ``srun --cpus-per-task`` and ``mpiexec -bind-to``
+do: those cores are this rank's alone, ``bound_by_launcher``), and ``pool`` the size of the
 BLAS pool as the process started, so ``OPENBLAS_NUM_THREADS=1`` (or ``OMP_NUM_THREADS``) set by the user
 is never exceeded. ``--threads N``, or the environment variable ``RINGATTN_THREADS``, overrides the
 share. The BLAS pool is process-wide: simulated ranks, which are threads of one process, all use the same
@@ -30,6 +32,11 @@ def available_cores():
         return len(os.sched_getaffinity(0))
     except AttributeError:                       # macOS, Windows: no affinity API
         return os.cpu_count() or 1
+
+
+def bound_by_launcher():
+    """Whether this process may run on fewer cores than the machine has: a launcher bound it to its own."""
+    return available_cores() < (os.cpu_count() or 1)
 
 
 def blas_pool():

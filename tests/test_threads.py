@@ -21,6 +21,14 @@ def test_share_of_the_cores(monkeypatch):
     assert threads.choose(1, environ={}).per_rank == 2
 
 
+def test_a_bound_process_owns_its_cores(monkeypatch):
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 32)
+    assert threads.bound_by_launcher()
+    monkeypatch.setattr(threads, "available_cores", lambda: 32)
+    assert not threads.bound_by_launcher()
+
+
 def test_overrides():
     assert threads.choose(4, 3, environ={threads.ENV: "5"}) == threads.Threads(3, "--threads")
     assert threads.choose(4, environ={threads.ENV: " 5 "}) == threads.Threads(5, threads.ENV)

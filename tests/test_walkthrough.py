@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_fp64_close
-from refimpl import cli, naive_attention, naive_attention_backward, threads
+from refimpl import cli, naive_attention, naive_attention_backward
 from refimpl.layouts import Contiguous
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,12 +165,12 @@ def test_merge_order_exercise_measures_rounding_not_errors(capsys):
 # -- the cluster example ------------------------------------------------------------------------------
 
 def test_the_sbatch_example_runs_a_valid_command():
-    """examples/slurm.sbatch: the options it passes to `ringattn run` parse, and every rank gets the BLAS
-    threads of its --cpus-per-task (refimpl/threads.py does not see srun's binding)."""
+    """examples/slurm.sbatch: the options it passes to `ringattn run` parse, and every process starts with a
+    BLAS pool of its --cpus-per-task (srun binds each rank to them; refimpl/threads.py then uses them all)."""
     script = (ROOT / "examples" / "slurm.sbatch").read_text().replace("\\\n", " ")
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     words = shlex.split(srun.split(">")[0].replace("$SLURM_JOB_ID", "1"))
     args = cli.parser().parse_args(words[words.index("ringattn") + 1:])
     assert (args.command, args.seq, args.backward, args.check, args.output) == ("run", 2 ** 20, True, True, "out/1")
-    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", threads.ENV):
+    for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         assert f"export {variable}=$SLURM_CPUS_PER_TASK" in script

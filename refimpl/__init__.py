@@ -11,6 +11,8 @@ Layout conventions (``specs/conventions.md``): q (B, N, Hq, D), k and v (B, N, H
 """
 
 from .blockwise import blockwise_attention, blockwise_attention_backward
+from .dilated import (dilated_attention, dilated_attention_backward, naive_dilated_attention,
+                      naive_dilated_attention_backward, naive_dilated_rows)
 from .naive import naive_attention, naive_attention_backward, naive_rows
 from .ring import ring_attention, ring_attention_backward
 from .simulate import RingResult, simulate_ring
@@ -19,6 +21,8 @@ from .verify import verify
 __all__ = [
     "naive_attention", "naive_attention_backward", "naive_rows",
     "blockwise_attention", "blockwise_attention_backward",
+    "naive_dilated_attention", "naive_dilated_attention_backward", "naive_dilated_rows",
+    "dilated_attention", "dilated_attention_backward",
     "ring_attention", "ring_attention_backward",
     "simulate_ring", "RingResult",
     "verify",

@@ -5,7 +5,8 @@ and the merge), ``schedule`` (which tiles and which ring step), ``blockwise`` (t
 ``engine`` (where a rank's arrays live and how a step runs: the seam ``gpu/`` plugs into), ``ring`` (the
 loop over ranks), ``comm`` (the transport), ``simulate`` (P ranks in one process). Checking another
 backend: ``tolerance`` and ``plain`` (the rule), ``cases`` (the problems), ``verify`` (runs a backend on
-them), ``diagnose`` (where a failure is).
+them), ``diagnose`` (where a failure is). LongNet's dilated attention: ``dilated`` (branches as strided
+views of the selected rows, on the same tiles and merge).
 
 Layout conventions (``specs/conventions.md``): q (B, N, Hq, D), k and v (B, N, Hkv, D), lse (B, Hq, N).
 """

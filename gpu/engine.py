@@ -166,8 +166,7 @@ class CupyEngine:
         """The step's ``StepPlan`` and a dict for its device arrays, cached: a training loop (or a benchmark)
         repeats the same steps, and planning in Python must not come between the kernels. A hit is
         checked position by position, never trusted to a hash."""
-        key = (hash(q_pos.tobytes()), hash(k_pos.tobytes()), mask.name, tuple(sorted(vars(mask).items())),
-               block_q, block_k)                    # a mask is its name and its parameters
+        key = (hash(q_pos.tobytes()), hash(k_pos.tobytes()), mask.key, block_q, block_k)   # mask.key: name and parameters
         hit = self._plans.pop(key, None)
         if hit is None or not (np.array_equal(hit[0], q_pos) and np.array_equal(hit[1], k_pos)):
             plan = plan_tiles(q_pos, k_pos, mask, block_q, block_k)

@@ -40,10 +40,12 @@ def _scores(qt, kt, scale, hidden):
 
 
 def _hidden(mask, q_pos, k_pos, kind):
-    """(bq, bk) bool on the device, True where the mask hides a key; None on a full tile."""
+    """(bq, bk) bool on the device, True where the mask hides a key, or (Bs, 1, 1, bq, bk) for documents
+    that differ per batch (the scores are (B, Hkv, G, bq, bk)); None on a full tile."""
     if kind != PARTIAL:
         return None
-    return ~cp.asarray(mask.visible(q_pos, k_pos))
+    visible = mask.visible(q_pos, k_pos)
+    return ~cp.asarray(visible if visible.ndim == 2 else visible[:, None, None])
 
 
 def attend(o, lse, q, k, v, q_pos, k_pos, mask, scale, plan, on_tile):

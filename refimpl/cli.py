@@ -14,18 +14,19 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 
 import numpy as np
 
-from . import cases, check, conformance, inputs, shardfiles, threads, tolerance, validate, vectors
+from . import (cases, check, conformance, inputs, model, plot, schedule, shardfiles, threads, tolerance, validate,
+               vectors)
 from .blockwise import BLOCK_K, BLOCK_Q
 from .engine import NumpyEngine
-from .layouts import Contiguous
-from .masks import mask_for
+from .layouts import LAYOUTS, layout_for
+from .masks import check_window, mask_for
+from .progress import Progress
 from .ring import ring_attention, ring_attention_backward
-from .schedule import kv_source, plan_tiles
+from .schedule import kv_source, plan_ring, plan_tiles, ring_bytes
 
 DTYPES = {"fp16": np.float16, "fp32": np.float32, "fp64": np.float64}
 if validate.BFLOAT16 is not None:
@@ -35,6 +36,11 @@ PROBLEM = {"seq": 16384, "batch": 1, "heads": 8, "kv_heads": None, "dim": 64, "d
 # Options that do not shape the job, so ranks may differ in them: --ranks is ignored under MPI, and only
 # rank 0 draws the progress bar.
 RANK_LOCAL = ("ranks", "progress")
+# Causal work is balanced by zigzag and striped shards (specs/schedule.md section 3). The demo's forward
+# (N=16384, H=8, D=64, fp32, causal) under mpiexec -n 2, one rank per core: 1.42x faster with zigzag than
+# contiguous in each of two runs of bench/balance.py (3.87 s against 5.48 s, 4.87 s against 6.91 s). Four
+# simulated ranks sharing 2 cores do the same total work on the same cores, so there the layouts tie.
+DEFAULT_LAYOUT = "zigzag"
 
 
 class UsageError(Exception):
@@ -113,6 +119,28 @@ def add_problem_options(p, *, seq, causal, causal_help="causal mask", from_files
     p.add_argument("--block-k", type=_positive, default=BLOCK_K, help="key columns per tile")
 
 
+def _cu_seqlens(text):
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints 0,A,B,...,N, got {text}") from None
+
+
+def add_layout_options(p):
+    """How the sequence is cut over the ranks (``layouts.py``) and the mask beyond --causal (``masks.py``),
+    shared by ``ringattn run`` and ``trace``."""
+    p.add_argument("--layout", choices=list(LAYOUTS), default=None,
+                   help="which positions each rank holds: contiguous runs; zigzag (rank r holds chunks r and 2P-1-r "
+                        f"of 2P); striped (rank r holds the tokens t = r mod P). Default: {DEFAULT_LAYOUT}, which "
+                        "balances causal work; with --input, the files' layout, contiguous unless named")
+    p.add_argument("--window", nargs=2, type=int, metavar=("LEFT", "RIGHT"), default=None,
+                   help="sliding window (flash-attn's window_size): query i sees keys i-LEFT .. i+RIGHT, -1 = "
+                        "unbounded on that side; with --causal, RIGHT is 0")
+    p.add_argument("--cu-seqlens", type=_cu_seqlens, default=None, metavar="0,A,...,N",
+                   help="packed documents: document d holds positions cu[d] .. cu[d+1]-1, and a token attends only "
+                        "within its own document (increasing, from 0 to --seq)")
+
+
 def parser():
     p = _Parser(prog="ringattn", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,11 +160,13 @@ def parser():
                      help="with --device gpu: the fused flash-attention kernels, or cuBLAS tiles (the baseline; "
                           "fp64 and head dims over 128 always use it)")
     add_problem_options(run, seq=16384, causal=True, from_files=True)
+    add_layout_options(run)
     run.add_argument("--seed", type=_seed, default=0,
                      help="seed of the inputs (values depend on seed and position only)")
     run.add_argument("--backward", action="store_true", help="also run the backward ring and check dq, dk, dv")
     run.add_argument("--samples", type=_positive, default=64,
-                     help="query rows to check when N is too large for the full oracle (plus every shard's first and last row)")
+                     help="query rows to check when N is too large for the full oracle (plus the first and last "
+                          "row of every shard and zigzag chunk)")
     run.add_argument("--check", action="store_true",
                      help="exit with status 1 if an output fails the tolerance rule of specs/tolerances.md "
                           "(float64: 1e-12 relative; lower precisions: at most 2x the error of a plain "
@@ -145,7 +175,8 @@ def parser():
                      help="print a machine-readable summary instead of tables (strict JSON: an infinite or NaN "
                           'number is written as the string "inf", "-inf" or "nan")')
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                     help="progress bar on stderr for runs longer than 2 s (default: when stderr is a terminal)")
+                     help="progress bar on stderr once a run has lasted 2 s, counting every rank's tiles (default: "
+                          "when stderr is a terminal; under mpiexec stderr is the launcher's pipe, so pass --progress)")
     run.add_argument("--input", metavar="DIR", default=None,
                      help="memory-map inputs from DIR/{q,k,v[,dout]}.RANK.npy instead of generating them; B, N, "
                           "Hq, Hkv, D and the dtype come from the files, and a flag that contradicts them is an error")
@@ -161,6 +192,8 @@ def parser():
                      help="simulated ranks: longest wait for one message before it is reported as a deadlock")
     _add_vectors(sub)
     _add_check(sub)
+    _add_model(sub)
+    _add_trace(sub)
     return p
 
 
@@ -258,30 +291,119 @@ def _check_command(comm, args):
     return 0 if passed else 1
 
 
-COMMANDS = {"vectors": _vectors_command, "check": _check_command}
+def _add_model(sub):
+    p = sub.add_parser(
+        "model", conflict_handler="resolve",
+        help="predict a run's time, efficiency and memory per rank on given hardware (a performance model)",
+        description="Predict ring attention's step and total time, efficiency and memory per rank from the tile "
+                    "FLOPs, the device's FLOP/s, the K/V message bytes and the link's bandwidth and latency, with "
+                    "the transfer overlapping the compute. Presets: nominal A100/H100 over NVLink or InfiniBand "
+                    "NDR, or this CPU measured; --flops/--bandwidth/--latency for others. Equations and sources: "
+                    "specs/model.md.")
+    add_problem_options(p, seq=PROBLEM["seq"], causal=True)
+    model.add_arguments(p)
 
 
-class Progress:
-    """A tile counter drawn as a bar on stderr once a run has lasted two seconds."""
+def _model_command(comm, args):
+    """``ringattn model``: print the prediction; no ranks run."""
+    if comm is not None:
+        raise UsageError("ringattn model: error: predicts from one process; run it without mpiexec")
+    try:
+        result = model.command(args)
+    except ValueError as exc:
+        raise UsageError(f"ringattn model: error: {exc}") from None
+    print(json.dumps(_strict(result), allow_nan=False) if isinstance(result, dict) else result)
+    return 0
 
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.done = max(total, 1), enabled, 0
-        self.start = self.drawn = time.monotonic()
-        self.lock = threading.Lock()
 
-    def __call__(self):
-        with self.lock:
-            self.done += 1
-            now = time.monotonic()
-            if self.enabled and now - self.start > 2.0 and (now - self.drawn > 0.1 or self.done == self.total):
-                self.drawn = now
-                frac = self.done / self.total
-                sys.stderr.write(f"\r[{'#' * int(30 * frac):<30}] {100 * frac:5.1f}%  {now - self.start:6.1f} s")
-                sys.stderr.flush()
+def _add_trace(sub):
+    p = sub.add_parser(
+        "trace", help="print (and draw) the ring's schedule for a problem: no tensors, nothing computed",
+        description="The plan the ring runs, from the layout and the mask alone: per step and rank the K/V shard "
+                    "held, the tiles computed and skipped and the bytes sent; each rank's work (visible query-key "
+                    "pairs) and its balance; where the ring stops early. --png/--svg draw the N x N attention "
+                    "matrix, every tile coloured by the rank that computes it and numbered by its step.")
+    add_problem_options(p, seq=PROBLEM["seq"], causal=True)
+    add_layout_options(p)
+    p.add_argument("--ranks", type=_positive, default=4, help="ranks P (default: 4)")
+    p.add_argument("--png", metavar="FILE", default=None,
+                   help="draw the schedule to FILE as PNG (needs matplotlib: pip install 'ringattn[plot]')")
+    p.add_argument("--svg", metavar="FILE", default=None, help="draw the schedule to FILE as SVG (as --png)")
+    p.add_argument("--json", action="store_true", help="print the plan as strict JSON instead of tables")
 
-    def close(self):
-        if self.enabled and self.drawn > self.start:
-            sys.stderr.write("\n")
+
+def _trace_command(comm, args):
+    """``ringattn trace``: the schedule of one problem, planned (``schedule.plan_ring``), printed or drawn."""
+    def usage(message):
+        return UsageError(f"ringattn trace: error: {message}")
+    if comm is not None:
+        raise usage("plans from one process; run it without mpiexec")
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        raise usage(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    if args.ranks > args.seq:
+        raise usage(f"{args.ranks} ranks exceed --seq {args.seq}: every rank needs at least one token")
+    layout = layout_for(args.layout or DEFAULT_LAYOUT, args.seq, args.ranks)
+    try:
+        mask = _mask_of(args)
+    except UsageError as exc:
+        raise usage(str(exc)) from None
+    kv, acc = np.dtype(DTYPES[args.dtype]).itemsize, validate.accumulation_dtype(DTYPES[args.dtype]).itemsize
+    shape = (args.batch, args.kv_heads, args.dim)
+    records = plan_ring(layout, mask, args.block_q, args.block_k, 2 * int(np.prod(shape)) * kv)
+    steps = records[-1].step + 1
+    load = schedule.work(layout, mask)
+    sent = dict(forward=ring_bytes(layout, steps, *shape, kv), backward=ring_bytes(layout, steps, *shape, kv, acc),
+                forward_full_ring=ring_bytes(layout, layout.P, *shape, kv),
+                backward_full_ring=ring_bytes(layout, layout.P, *shape, kv, acc))
+    for path in (args.png, args.svg):
+        if path is not None:
+            try:
+                plot.draw(layout, mask, args.block_q, args.block_k, path)
+            except ImportError as exc:
+                raise usage(str(exc)) from None
+    summary = dict(ranks=layout.P, layout=layout.name, seq=args.seq, batch=args.batch, heads=args.heads,
+                   kv_heads=args.kv_heads, dim=args.dim, dtype=args.dtype, causal=args.causal, window=args.window,
+                   cu_seqlens=args.cu_seqlens, mask=mask.name, block_q=args.block_q, block_k=args.block_k,
+                   steps=steps, trace=[rec.summary() for rec in records], work=load.tolist(),
+                   imbalance=schedule.imbalance(load),
+                   bytes_sent={phase: [int(b) for b in per_rank] for phase, per_rank in sent.items()})
+    if args.json:
+        print(json.dumps(_strict(summary), allow_nan=False))
+    else:
+        trace_report(summary)
+    return 0
+
+
+def trace_report(s, out=None):
+    """The tables of ``ringattn trace`` on ``out`` (default: standard output)."""
+    w = (out or sys.stdout).write
+    w(f"ring schedule, planned (no tensors, nothing computed): ranks={s['ranks']} {s['layout']}  N={s['seq']} "
+      f"B={s['batch']} Hq={s['heads']} Hkv={s['kv_heads']} D={s['dim']} {s['dtype']} {_mask_text(s)}  "
+      f"tiles {s['block_q']}x{s['block_k']}\n\n")
+    w("forward, per step (rows) and rank (columns): 'kvS T/K B' = the rank holds the K/V shard of rank S, "
+      "computes T tiles, skips K fully masked ones and sends B to the next rank\n")
+    w("step " + "".join(f"{'rank ' + str(r):>22}" for r in range(s["ranks"])) + "\n")
+    for step in range(s["steps"]):
+        row = [x for x in s["trace"] if x["step"] == step]
+        cells = ("kv%d %d/%d %s" % (x["kv_shard"], x["tiles"], x["skipped"], _bytes(x["bytes_sent"])) for x in row)
+        w(f"{step:>4} " + "".join(f"{cell:>22}" for cell in cells) + "\n")
+    if s["steps"] < s["ranks"]:
+        w(f"{s['steps']:>4}.. not run: the mask leaves no rank anything to see in the K/V shards of steps "
+          f"{s['steps']} to {s['ranks'] - 1}\n")
+    totals = [sum(row) for row in s["work"]]
+    w(f"\nwork per rank, visible query-key pairs over all steps (per batch entry and head): "
+      f"{', '.join(f'{t:,}' for t in totals)}; the busiest rank has {s['imbalance']:.2f}x the mean\n")
+    b = s["bytes_sent"]
+    w(f"bytes sent per rank: forward {', '.join(_bytes(x) for x in b['forward'])}; backward (the same K/V "
+      f"messages and one dK/dV message per step) {', '.join(_bytes(x) for x in b['backward'])}\n")
+    if s["steps"] < s["ranks"]:
+        sent, full = sum(b["forward"]) + sum(b["backward"]), sum(b["forward_full_ring"]) + sum(b["backward_full_ring"])
+        w(f"the ring stops after {s['steps']} of {s['ranks']} steps: forward and backward send {_bytes(sent)} instead "
+          f"of {_bytes(full)}, {_bytes(full - sent)} saved ({100 * (full - sent) / full:.0f}%)\n")
+
+
+COMMANDS = {"vectors": _vectors_command, "check": _check_command, "model": _model_command, "trace": _trace_command}
 
 
 def count_tiles(layout, mask, block_q, block_k, ranks):
@@ -297,9 +419,8 @@ def _oracle_input(x):
 
 def _load_shard(args, name, rank, dtype):
     if args.input is None:
-        start, stop = int(args.layout.starts[rank]), int(args.layout.starts[rank + 1])
         heads = args.heads if name in ("q", "dout") else args.kv_heads
-        return inputs.generate(name, args.batch, heads, args.dim, start, stop, args.seed, dtype)
+        return inputs.generate_at(name, args.batch, heads, args.dim, args.layout.positions(rank), args.seed, dtype)
     return np.load(shardfiles.path(args.input, name, rank), mmap_mode="r")
 
 
@@ -311,7 +432,9 @@ def run_rank(comm, args, engine, on_tile=None):
     q, k, v = (_load_shard(args, name, r, dtype) for name in ("q", "k", "v"))
     dout = _load_shard(args, "dout", r, dtype) if args.backward else None
     on_engine = [engine.asarray(x) for x in (q, k, v)]
-    opts = dict(causal=args.causal, block_q=args.block_q, block_k=args.block_k, on_tile=on_tile, engine=engine)
+    masking = dict(causal=args.causal, window=args.window, cu_seqlens=args.cu_seqlens)
+    opts = dict(block_q=args.block_q, block_k=args.block_k, on_tile=on_tile, engine=engine, layout=args.layout.name,
+                **masking)
     if args.output is not None and args.overwrite and r == 0:
         shardfiles.clear(args.output)
     comm.barrier()
@@ -332,12 +455,12 @@ def run_rank(comm, args, engine, on_tile=None):
     full = args.batch * args.heads * layout.N ** 2 <= check.FULL_CHECK_SCORES
     if full:
         everything = comm.allgather((q, k, v, dout, results))
-        verdicts = _full_verdicts(everything, layout, args.causal, scale, dtype) if r == 0 else {}
+        verdicts = _full_verdicts(everything, layout, masking, scale, dtype) if r == 0 else {}
         rows = layout.N
     else:
         sampled = check.sample_rows(layout, args.samples, args.seed)
-        verdicts = check.sampled_verdicts(comm, sampled, layout.positions(r), q, k, v, results, causal=args.causal,
-                                          scale=scale, dout=dout, input_dtype=dtype)
+        verdicts = check.sampled_verdicts(comm, sampled, layout.positions(r), q, k, v, results, scale=scale,
+                                          dout=dout, input_dtype=dtype, **masking)
         rows = len(sampled)
     stats = comm.allgather(dict(trace=fwd.trace + (bwd.trace if bwd else []),
                                 peak=max(fwd.peak_bytes, bwd.peak_bytes if bwd else 0),
@@ -346,9 +469,14 @@ def run_rank(comm, args, engine, on_tile=None):
     if r != 0:
         return None
     B, Hq, Hkv = args.batch, args.heads, args.kv_heads
+    sizes = np.dtype(dtype).itemsize, validate.accumulation_dtype(dtype).itemsize
+    full_ring = ring_bytes(layout, P, B, Hkv, args.dim, sizes[0])            # what a ring of all P steps sends
+    if bwd:
+        full_ring = full_ring + ring_bytes(layout, P, B, Hkv, args.dim, *sizes)
     return dict(
-        transport=args.transport, ranks=P, **engine.describe(), seq=layout.N, batch=B, heads=Hq, kv_heads=Hkv,
-        dim=args.dim, dtype=args.dtype, causal=args.causal, block_q=args.block_q, block_k=args.block_k,
+        transport=args.transport, ranks=P, layout=layout.name, **engine.describe(), seq=layout.N, batch=B, heads=Hq,
+        kv_heads=Hkv, dim=args.dim, dtype=args.dtype, causal=args.causal, window=args.window,
+        cu_seqlens=args.cu_seqlens, mask=args.mask.name, block_q=args.block_q, block_k=args.block_k,
         seed=None if args.input else args.seed, input=args.input, backward=args.backward,
         threads=dict(per_rank=args.blas.per_rank, reason=args.blas.reason),
         time_s=dict(forward=max(s["forward_s"] for s in stats),
@@ -360,6 +488,7 @@ def run_rank(comm, args, engine, on_tile=None):
         peak_bytes=[s["peak"] for s in stats],
         naive_score_bytes=B * Hq * layout.N ** 2 * np.dtype(dtype).itemsize,
         bytes_sent=[s["sent"] for s in stats],
+        steps=fwd.trace[-1].step + 1, full_ring_bytes=[int(b) for b in full_ring],
         peak_rss_bytes=[s["rss"] for s in (stats if args.transport == "mpi" else stats[:1])],
         overlap=_overlap([rec for s in stats for rec in s["trace"]]),
         per_rank=_per_rank(stats, B * Hq * args.dim),
@@ -376,9 +505,10 @@ def _write_outputs(comm, args, results):
     if comm.rank == 0:
         params = dict(seq=args.layout.N, batch=args.batch, heads=args.heads, kv_heads=args.kv_heads, dim=args.dim,
                       dtype=args.dtype, causal=args.causal, scale=1.0 / math.sqrt(args.dim), backward=args.backward,
-                      block_q=args.block_q, block_k=args.block_k,
+                      block_q=args.block_q, block_k=args.block_k, layout=args.layout.name, window=args.window,
+                      cu_seqlens=args.cu_seqlens,
                       **({"input": os.path.abspath(args.input)} if args.input else {"seed": args.seed}))
-        shardfiles.write_manifest(args.output, params, args.layout.starts, arrays)
+        shardfiles.write_manifest(args.output, params, args.layout, arrays)
 
 
 def _peak_rss():
@@ -414,13 +544,24 @@ def _overlap(trace):
     return dict(compute_s=compute, wait_s=wait, wait_fraction=wait / (compute + wait) if compute + wait else 0.0)
 
 
-def _full_verdicts(everything, layout, causal, scale, dtype):
-    """Every output against the full float64 oracle (small N only): shards concatenated on rank 0."""
+def _full_verdicts(everything, layout, masking, scale, dtype):
+    """Every output against the full float64 oracle (small N only): shards put back in natural order on
+    rank 0. ``masking``: causal, window, cu_seqlens."""
     q, k, v, dout = (None if parts[0] is None else layout.unshard(list(parts))
                      for parts in list(zip(*everything))[:4])
     results = {name: layout.unshard([e[4][name] for e in everything], axis=2 if name == "lse" else 1)
                for name in everything[0][4]}
-    return check.full_verdicts(q, k, v, results, causal=causal, scale=scale, dout=dout, input_dtype=dtype)
+    return check.full_verdicts(q, k, v, results, scale=scale, dout=dout, input_dtype=dtype, **masking)
+
+
+def _mask_text(s):
+    """'causal', 'full', plus the window and the documents, as the report's header names the mask."""
+    parts = ["causal" if s["causal"] else "full"]
+    if s["window"] is not None:
+        parts.append(f"window ({s['window'][0]}, {s['window'][1]})")
+    if s["cu_seqlens"] is not None:
+        parts.append(f"{len(s['cu_seqlens']) - 1} documents")
+    return ", ".join(parts)
 
 
 def _bytes(n):
@@ -434,9 +575,8 @@ def report(summary, out=None):
     """The human-readable report of a run (rank 0), on ``out`` (default: standard output)."""
     s, c = summary, summary["check"]
     w = (out or sys.stdout).write
-    w(f"ring attention: {s['transport']} ranks={s['ranks']}  N={s['seq']} B={s['batch']} Hq={s['heads']} "
-      f"Hkv={s['kv_heads']} D={s['dim']} {s['dtype']} {'causal' if s['causal'] else 'full'}  "
-      f"tiles {s['block_q']}x{s['block_k']}\n")
+    w(f"ring attention: {s['transport']} ranks={s['ranks']} {s['layout']}  N={s['seq']} B={s['batch']} Hq={s['heads']} "
+      f"Hkv={s['kv_heads']} D={s['dim']} {s['dtype']} {_mask_text(s)}  tiles {s['block_q']}x{s['block_k']}\n")
     if s["engine"] != "numpy":
         w(f"engine: {s['engine']} on {s['device']}, kernels {s['kernels']}\n")
     if s.get("messages"):
@@ -449,9 +589,12 @@ def report(summary, out=None):
         w(f"{phase} schedule, per step (rows) and rank (columns): 'kvS T/K' = the rank held the K/V shard of "
           f"rank S, computed T tiles and skipped K fully masked ones\n")
         w("step " + "".join(f"{'rank ' + str(r):>14}" for r in range(s["ranks"])) + "\n")
-        for step in range(s["ranks"]):
+        for step in range(s["steps"]):
             row = sorted((x for x in recs if x["step"] == step), key=lambda x: x["rank"])
             w(f"{step:>4} " + "".join(f"{'kv%d %d/%d' % (x['kv_shard'], x['tiles'], x['skipped']):>14}" for x in row) + "\n")
+        if s["steps"] < s["ranks"]:
+            w(f"{s['steps']:>4}.. not run: the mask leaves no rank anything to see in the K/V shards of steps "
+              f"{s['steps']} to {s['ranks'] - 1}\n")
         w("\n")
     times = ", ".join(f"{k} {v:.3f} s" for k, v in s["time_s"].items())
     w(f"time: {times} (slowest rank), {s['threads']['per_rank']} BLAS thread(s) per rank "
@@ -474,7 +617,12 @@ def report(summary, out=None):
       f"{_bytes(s['naive_score_bytes'])} ({s['naive_score_bytes'] / max(s['peak_bytes']):.0f}x)\n")
     where = "per rank" if s["transport"] == "mpi" else "of the process (all simulated ranks)"
     w(f"memory measured, peak RSS {where}: {', '.join(_bytes(b) for b in s['peak_rss_bytes'])}\n")
-    w(f"bytes sent per rank: {', '.join(_bytes(b) for b in s['bytes_sent'])}\n\n")
+    w(f"bytes sent per rank: {', '.join(_bytes(b) for b in s['bytes_sent'])}\n")
+    if s["steps"] < s["ranks"]:
+        sent, full = sum(s["bytes_sent"]), sum(s["full_ring_bytes"])
+        w(f"the ring stopped after {s['steps']} of {s['ranks']} steps: {_bytes(sent)} sent instead of {_bytes(full)}, "
+          f"{_bytes(full - sent)} saved ({100 * (full - sent) / full:.0f}%)\n")
+    w("\n")
     what = "all rows" if c["mode"] == "full" else f"{c['rows']} sampled rows"
     w(f"check against the float64 oracle ({what}); rule: {c['rule']}\n")
     for name, v in c["outputs"].items():
@@ -557,7 +705,7 @@ def _problem(comm, args, P):
             if extra:
                 raise ValueError(f"--input: {args.input} holds shards for ranks 0..{extra[-1]}, but this run has "
                                  f"{P} ranks")
-            B, N, Hq, Hkv, D, dtype = shardfiles.problem(found, P)
+            B, N, Hq, Hkv, D, dtype = shardfiles.problem(found, P, args.layout or "contiguous")
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         name = FLAG_OF_DTYPE.get(validate.BFLOAT16.name if validate.BFLOAT16 == dtype else dtype.name)
@@ -577,7 +725,21 @@ def _problem(comm, args, P):
             raise UsageError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
     if P > args.seq:
         raise UsageError(f"{P} ranks exceed --seq {args.seq}: every rank needs at least one token")
-    args.layout = Contiguous(args.seq, P)
+    # the name, agreed on every rank, becomes the layout; files keep the order they were written in
+    args.layout = layout_for(args.layout or ("contiguous" if args.input else DEFAULT_LAYOUT), args.seq, P)
+    args.mask = _mask_of(args)
+
+
+def _mask_of(args):
+    """The mask of --causal, --window and --cu-seqlens (N = --seq), or a ``UsageError`` naming the flag."""
+    try:
+        check_window(args.window)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--window: {exc}") from None
+    try:
+        return mask_for(args.causal, args.window, None, args.cu_seqlens, B=args.batch, N=args.seq)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--cu-seqlens: {exc}") from None
 
 
 def _headers(args, rank):
@@ -652,19 +814,19 @@ def main(argv=None):
         from gpu.device import select_device
         select_device(comm)
     P = args.layout.P
-    mask = mask_for(args.causal)
+    mask = args.mask
 
+    passes = 2 if args.backward else 1
+    totals = [passes * count_tiles(args.layout, mask, args.block_q, args.block_k, [r]) for r in range(P)]
     if comm is not None:
         show = comm.rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty())
-        progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, [comm.rank])
-                            * (2 if args.backward else 1), show)
+        progress = Progress(totals, show, comm)
         rank_engine = engine()
         with threads.limited(args.blas):
             summary = run_rank(rank_engine.wrap(comm), args, rank_engine, progress)
     else:
         show = args.progress if args.progress is not None else sys.stderr.isatty()
-        progress = Progress(count_tiles(args.layout, mask, args.block_q, args.block_k, range(P))
-                            * (2 if args.backward else 1), show)
+        progress = Progress(totals, show)
 
         def rank_main(comm):
             rank_engine = engine()

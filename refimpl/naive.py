@@ -9,6 +9,12 @@ clarity, not speed, and always computes in float64 whatever the input dtype::
     p   = exp(s - lse)                        softmax over visible keys
     out = p v                                 (B, Nq, Hq, D)
 
+The mask is the conjunction of ``causal`` (j <= i), a sliding ``window`` (i - left <= j <= i + right,
+flash-attn's window_size, -1 = unbounded), documents (``segment_ids`` (B, N): equal ids see each other;
+or ``cu_seqlens``: document d is positions cu_seqlens[d] .. cu_seqlens[d+1]-1) and an explicit dense
+``mask``, written here from those definitions, on global positions (``specs/masks.md``); only the checks
+of the arguments are shared with ``masks.py``.
+
 A row with no visible key has out = 0, lse = -inf, and contributes no gradient. A visible score beyond
 the float64 range (``|scale * q . k| > np.finfo(np.float64).max``) is an OverflowError, never an inf or
 NaN lse. For float16 and float32 inputs only a huge ``scale`` can reach it: their q . k (at most
@@ -17,7 +23,7 @@ D * 3.4e38^2) fits float64 with room to spare.
 
 import numpy as np
 
-from . import validate
+from . import masks, validate
 
 
 def _heads(x, Hq):
@@ -32,12 +38,33 @@ def _fold_heads(g, Hkv):
     return g.reshape(B, Hkv, Hq // Hkv, N, D).sum(axis=2).transpose(0, 2, 1, 3)
 
 
-def _visible(q_pos, k_pos, causal, mask):
-    """(Nq, Nk) bool: True where query q_pos[i] may attend to key k_pos[j]."""
+def _visible(q_pos, k_pos, causal, mask, window=None, segments=None):
+    """True where query q_pos[i] may attend to key k_pos[j]: (Nq, Nk) bool, or (Bs, 1, Nq, Nk) with
+    ``segments`` (Bs, N) ids, Bs = 1 or B; broadcastable to the (B, Hq, Nq, Nk) scores.
+
+    ``window`` is (left, right) with None for an unbounded side (``masks.check_window``)."""
     visible = np.ones((len(q_pos), len(k_pos)), dtype=bool) if mask is None else mask
+    i, j = q_pos[:, None], k_pos[None, :]
     if causal:
         visible = visible & (k_pos[None, :] <= q_pos[:, None])
+    left, right = (None, None) if window is None else window
+    if left is not None:
+        visible = visible & (j >= i - left)
+    if right is not None:
+        visible = visible & (j <= i + right)
+    if segments is not None:
+        visible = (visible & (segments[:, q_pos, None] == segments[:, None, k_pos]))[:, None]
     return visible
+
+
+def _segments(segment_ids, cu_seqlens, B, N):
+    """The documents as (Bs, N) ids, from segment_ids (B, N) or cu_seqlens (document d: cu[d] .. cu[d+1]-1),
+    or None. The arguments are checked by ``masks.check_segments``."""
+    masks.check_segments(segment_ids, cu_seqlens, B, N)
+    if cu_seqlens is not None:
+        cu = np.asarray(cu_seqlens)
+        return np.repeat(np.arange(len(cu) - 1), np.diff(cu))[None]
+    return segment_ids
 
 
 def _check_mask(mask, Nq, Nk):
@@ -89,41 +116,46 @@ def _probabilities(q, k, visible, scale):
     return p, lse
 
 
-def _forward(q, k, v, q_pos, k_pos, causal, scale, mask):
+def _forward(q, k, v, q_pos, k_pos, causal, scale, mask, window=None, segments=None):
     Hq = q.shape[2]
     qh, kh, vh = q.astype(np.float64).transpose(0, 2, 1, 3), _heads(k, Hq), _heads(v, Hq)
-    p, lse = _probabilities(qh, kh, _visible(q_pos, k_pos, causal, mask), scale)
+    p, lse = _probabilities(qh, kh, _visible(q_pos, k_pos, causal, mask, window, segments), scale)
     return (p @ vh).transpose(0, 2, 1, 3), lse
 
 
-def naive_attention(q, k, v, *, causal=False, scale=None, mask=None):
+def naive_attention(q, k, v, *, causal=False, scale=None, mask=None, window=None, segment_ids=None,
+                    cu_seqlens=None):
     """Exact attention in float64.
 
     q (B, N, Hq, D), k and v (B, N, Hkv, D) -> out (B, N, Hq, D) float64, lse (B, Hq, N) float64.
-    ``mask`` is an optional (N, N) bool array, True where a query may see a key; it is combined with
+    ``window`` (left, right), ``segment_ids`` (B, N) ints or ``cu_seqlens`` (increasing from 0 to N), and
+    ``mask``, an optional (N, N) bool array, True where a query may see a key, are all combined with
     ``causal``. Memory is O(B * Hq * N^2): use it for small N, or ``naive_rows`` for sampled rows.
     """
-    _, N, _, _, D = validate.check_qkv(q, k, v)
+    B, N, _, _, D = validate.check_qkv(q, k, v)
     scale = validate.check_scale(scale, D)
     pos = np.arange(N)
-    return _forward(q, k, v, pos, pos, causal, scale, _check_mask(mask, N, N))
+    return _forward(q, k, v, pos, pos, causal, scale, _check_mask(mask, N, N), masks.check_window(window),
+                    _segments(segment_ids, cu_seqlens, B, N))
 
 
-def naive_rows(q, k, v, rows, *, causal=False, scale=None):
+def naive_rows(q, k, v, rows, *, causal=False, scale=None, window=None, segment_ids=None, cu_seqlens=None):
     """Exact float64 attention for the query rows ``rows`` (global positions: an int array or a sequence of
-    ints; floats and bools are a TypeError) only.
+    ints; floats and bools are a TypeError) only; the mask arguments as for ``naive_attention``.
 
     Returns out (B, len(rows), Hq, D) and lse (B, Hq, len(rows)). Memory is O(B * Hq * len(rows) * N),
     which is how the ring's output is checked at sequence lengths where the full oracle cannot run.
     """
-    _, N, _, _, D = validate.check_qkv(q, k, v)
+    B, N, _, _, D = validate.check_qkv(q, k, v)
     scale = validate.check_scale(scale, D)
     rows = _check_rows(rows, N)
-    return _forward(q[:, rows], k, v, rows, np.arange(N), causal, scale, None)
+    return _forward(q[:, rows], k, v, rows, np.arange(N), causal, scale, None, masks.check_window(window),
+                    _segments(segment_ids, cu_seqlens, B, N))
 
 
-def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None):
-    """Analytic gradients of ``naive_attention`` in float64.
+def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=None, window=None, segment_ids=None,
+                             cu_seqlens=None):
+    """Analytic gradients of ``naive_attention`` in float64 (the same mask arguments).
 
     Returns dq (B, N, Hq, D), dk and dv (B, N, Hkv, D), all float64::
 
@@ -141,7 +173,9 @@ def naive_attention_backward(q, k, v, dout, *, causal=False, scale=None, mask=No
     pos = np.arange(N)
     qh, kh, vh = q.astype(np.float64).transpose(0, 2, 1, 3), _heads(k, Hq), _heads(v, Hq)
     do = dout.astype(np.float64).transpose(0, 2, 1, 3)
-    p, _ = _probabilities(qh, kh, _visible(pos, pos, causal, _check_mask(mask, N, N)), scale)
+    visible = _visible(pos, pos, causal, _check_mask(mask, N, N), masks.check_window(window),
+                       _segments(segment_ids, cu_seqlens, B, N))
+    p, _ = _probabilities(qh, kh, visible, scale)
     out = p @ vh
     dv = p.transpose(0, 1, 3, 2) @ do
     dp = do @ vh.transpose(0, 1, 3, 2)

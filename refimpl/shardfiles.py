@@ -1,29 +1,42 @@
 """Shard files: how ``ringattn run`` reads a problem from ``--input`` and writes its results to ``--output``.
 
 A directory of shards holds one ``.npy`` file per array and rank, ``NAME.RANK.npy``, where rank r's file
-holds the tokens of the contiguous layout's shard r (``layouts.Contiguous``: the first N % P ranks hold
-one token more)::
+holds the tokens of shard r of the run's layout (``--layout``, ``layouts.py``: contiguous, zigzag or
+striped), in shard order: row i is the token at global position ``layout.positions(r)[i]``::
 
     input     q.R.npy (B, n_r, Hq, D)   k.R.npy, v.R.npy (B, n_r, Hkv, D)   [dout.R.npy (B, n_r, Hq, D)]
     output    out.R.npy (B, n_r, Hq, D)   lse.R.npy (B, Hq, n_r)   [dq.R.npy, dk.R.npy, dv.R.npy]
               manifest.json             written last: the set is complete only when it exists
 
 Everything about the problem (B, N, Hq, Hkv, D, dtype) comes from the input files' headers, never from
-flags; ``problem`` checks that the shards agree with each other and with the layout.
+flags. Which positions the input shards hold comes from the layout's definition: the files carry no
+positions, ``--layout`` names the layout (default contiguous), and ``problem`` checks that the shards
+agree with each other and that their lengths are the layout's.
 
 Writing is all-or-nothing. Every rank first writes ``.NAME.RANK.npy.partial``; when every rank has
 finished (a collective), each renames its own files, and rank 0 then writes ``manifest.json``, which
-names every file with its shape, dtype and the positions [start, stop) each rank holds. To stitch a
-set back together, concatenate ``NAME.0.npy .. NAME.{P-1}.npy`` along the sequence axis (axis 1, or 2
-for lse): ``layouts.Contiguous(N, P).unshard``. A directory that already holds a run's files is
-refused unless ``overwrite``; then the old manifest goes first, then the old arrays, so a reader never
-sees a manifest next to files of another run.
+names every file with its shape and dtype, the layout, and the positions each rank holds::
+
+    "layout": "zigzag"
+    "ranges": [[[0, 3, 1], [9, 12, 1]], ...]      per rank, Python ranges [start, stop, step] whose
+                                                  concatenation is the rank's positions, in shard order
+    "positions": [[0, 30], [30, 60], ...]         contiguous sets only: [start, stop) per rank
+
+To stitch a set back together, place the rows of ``NAME.r.npy`` at rank r's positions along the sequence
+axis (axis 1, or 2 for lse): ``full[:, positions_r] = shard_r``, or ``layout.unshard``. For a contiguous
+set that is concatenating ``NAME.0.npy .. NAME.{P-1}.npy``; the ``positions`` field is written only for
+contiguous sets, so a reader that knows only that field fails on another layout instead of stitching it
+in the wrong order. A directory that already holds a run's files is refused unless ``overwrite``; then
+the old manifest goes first, then the old arrays, so a reader never sees a manifest next to files of
+another run.
 """
 
 import json
 import os
 
 import numpy as np
+
+from .layouts import layout_for
 
 INPUTS = ("q", "k", "v", "dout")
 OUTPUTS = ("out", "lse", "dq", "dk", "dv")
@@ -65,11 +78,11 @@ def extra_ranks(directory, P):
     return extra
 
 
-def problem(found, P):
+def problem(found, P, layout="contiguous"):
     """(B, N, Hq, Hkv, D, dtype) from every rank's headers, or a ValueError naming the file that disagrees.
 
     Each rank's q, k, v (and dout) must be 4-d with one B, D, dtype; k and v (B, n_r, Hkv, D); q and dout
-    (B, n_r, Hq, D); and the lengths n_r must be those of the contiguous layout of N = sum n_r over P ranks.
+    (B, n_r, Hq, D); and the lengths n_r must be those of ``layout`` for N = sum n_r over P ranks.
     """
     first = found[0]["q"]
     if len(first[0]) != 4:
@@ -90,11 +103,10 @@ def problem(found, P):
                 raise ValueError(f"--input: {name}.{r}.npy has dtype {dt}, but q.0.npy has {dtype}")
         lengths.append(n)
     N = sum(lengths)
-    base, extra = divmod(N, P)
-    expected = [base + (r < extra) for r in range(P)]
+    expected = [layout_for(layout, N, P).length(r) for r in range(P)]
     if lengths != expected:
-        raise ValueError(f"--input: the shards hold {lengths} tokens, but the contiguous layout of N={N} over "
-                         f"{P} ranks gives {expected} (the first N % P ranks hold one token more)")
+        raise ValueError(f"--input: the shards hold {lengths} tokens, but the {layout} layout of N={N} over "
+                         f"{P} ranks gives {expected} (layouts.py; set --layout to the files' layout)")
     return B, N, Hq, Hkv, D, dtype
 
 
@@ -126,10 +138,12 @@ def publish(directory, rank, names):
         os.replace(_partial(directory, name, rank), path(directory, name, rank))
 
 
-def write_manifest(directory, params, starts, arrays):
-    """manifest.json, last: params of the run, positions per rank, and {file: {shape, dtype}}."""
-    manifest = dict(format=FORMAT, params=params, ranks=len(starts) - 1, layout="contiguous",
-                    positions=[[int(a), int(b)] for a, b in zip(starts[:-1], starts[1:])],
+def write_manifest(directory, params, layout, arrays):
+    """manifest.json, last: params of the run, the layout and each rank's positions, and {file: {shape,
+    dtype}}."""
+    ranges = [[list(run) for run in layout.runs(r)] for r in range(layout.P)]
+    manifest = dict(format=FORMAT, params=params, ranks=layout.P, layout=layout.name, ranges=ranges,
+                    **({"positions": [run[0][:2] for run in ranges]} if layout.name == "contiguous" else {}),
                     files={f"{name}.{r}.npy": {"shape": list(shape), "dtype": str(dtype)}
                            for r, per_rank in enumerate(arrays) for name, (shape, dtype) in per_rank.items()})
     tmp = os.path.join(directory, f".{MANIFEST}.partial")

@@ -288,3 +288,51 @@ def test_bf16_needs_the_gpu(capsys):
         cli.main(["run", "--dtype", "bf16", "--seq", "64"])
     assert exc.value.code == 2
     assert "--dtype bf16 needs --device gpu" in capsys.readouterr().err
+
+
+def test_sampled_plain_rows_agree_with_the_plain_computation():
+    """The yardstick of the sampled check, computed shard by shard over P ranks, is the textbook float32
+    computation of those rows: one row max for every shard (a max per rank would rescale the shards' sums
+    differently, and a wrong yardstick passes everything)."""
+    from refimpl.comm.sim import SimWorld
+    from refimpl.plain import plain_attention
+    rng = np.random.default_rng(5)
+    N, P, scale = 97, 4, 5 ** -0.5
+    q, k, v = (rng.standard_normal((2, N, h, 5)).astype(np.float32) for h in (4, 2, 2))
+    layout = Contiguous(N, P)
+    rows = check.sample_rows(layout, 10)
+
+    def rank(comm):
+        r = comm.rank
+        return check._plain_rows(comm, q[:, rows], rows, layout.shard(k, r), layout.shard(v, r),
+                                 layout.positions(r), True, scale, np.dtype(np.float32))
+
+    out, lse = SimWorld(P).run(rank)[0]
+    plain_out, plain_lse = plain_attention(q, k, v, causal=True, scale=scale)
+    assert tolerance.abs_error(out, plain_out[:, rows])[0] <= 1e-5 * np.abs(plain_out).max()
+    assert tolerance.abs_error(lse, plain_lse[:, :, rows])[0] <= 1e-5 * np.abs(plain_lse).max()
+
+
+def test_input_shards_in_the_wrong_order_are_an_error(tmp_path, capsys):
+    """N = 1001 over 2 ranks is [501, 500]; shards of [500, 501] tokens hold the right lengths in the wrong
+    order, so rank 1's positions would be off by one."""
+    _save_shards(tmp_path, 2, N=1001)
+    for name in ("q", "k", "v", "dout"):            # move one token from rank 0's shard to rank 1's
+        a, b = np.load(tmp_path / f"{name}.0.npy"), np.load(tmp_path / f"{name}.1.npy")
+        np.save(tmp_path / f"{name}.0.npy", a[:, :-1])
+        np.save(tmp_path / f"{name}.1.npy", np.concatenate([a[:, -1:], b], axis=1))
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--no-progress", "--ranks", "2", "--input", str(tmp_path)])
+    assert "the shards hold [500, 501] tokens, but the contiguous layout of N=1001 over 2 ranks gives [501, 500]" \
+        in capsys.readouterr().err
+
+
+def test_overwrite_removes_the_old_manifest_first(tmp_path, monkeypatch):
+    """A reader must never see a manifest next to a half-removed set: it goes before any array."""
+    import os
+    from refimpl import shardfiles
+    assert _run_into(tmp_path, "--ranks", "2", "--backward") == 0
+    removed, real = [], os.remove
+    monkeypatch.setattr(os, "remove", lambda path: (removed.append(os.path.basename(path)), real(path)))
+    shardfiles.clear(str(tmp_path))
+    assert removed[0] == "manifest.json" and len(removed) == 11 and not list(tmp_path.iterdir())

@@ -424,3 +424,130 @@ def test_mismatched_arguments_end_every_rank(first, message):
     job = finish(Running(cmd, None), timeout=60)
     assert job.returncode == 2, job.describe()
     _assert_failed(job, message)
+
+
+# -- layouts and masks under MPI (tests/test_layouts.py has the whole matrix, simulated) ----------------
+
+# name, layout, (B, N, Hq, Hkv, D), causal, block_q, block_k, mask options. No N here is divisible by P or 2P
+# for P = 2..4; "segment_ids" draws per-batch documents; the windows stop the ring early on some P.
+LAYOUT_CASES = [
+    ("zigzag_causal_gqa", "zigzag", (1, 29, 4, 2, 8), True, 4, 3, {}),
+    ("striped_causal_mqa", "striped", (2, 23, 3, 1, 5), True, 3, 4, {}),
+    ("striped_full", "striped", (1, 31, 2, 2, 8), False, 4, 8, {}),
+    ("contiguous_window_causal", "contiguous", (1, 37, 2, 1, 8), True, 4, 3, {"window": [5, -1]}),
+    ("zigzag_window", "zigzag", (1, 33, 4, 2, 8), False, 4, 5, {"window": [3, 2]}),
+    ("striped_documents", "striped", (2, 30, 2, 2, 8), True, 4, 4, {"segment_ids": True}),
+    ("contiguous_documents_window", "contiguous", (1, 41, 2, 2, 8), True, 4, 4,
+     {"cu_seqlens": [0, 9, 20, 41], "window": [6, -1]}),
+]
+LAYOUT_RANKS = (2, 3, 4)
+
+
+@pytest.fixture(scope="module")
+def layout_inputs():
+    rng = np.random.default_rng(20261127)
+    data = {}
+    for name, layout, (B, N, Hq, Hkv, D), causal, bq, bk, masking in LAYOUT_CASES:
+        q, k, v = make_qkv(rng, B=B, N=N, Hq=Hq, Hkv=Hkv, D=D)
+        masking = dict(masking)
+        if masking.pop("segment_ids", False):
+            masking["segment_ids"] = rng.integers(0, 3, (B, N))
+        data[name] = dict(q=q, k=k, v=v, dout=make_dout(rng, q), layout=layout,
+                          options=dict(causal=causal, block_q=bq, block_k=bk, scale=None, **masking))
+    return data
+
+
+@pytest.fixture(scope="module")
+def layout_runs(layout_inputs, tmp_path_factory):
+    """One ``mpiexec -n P ring_check.py`` job per P over every layout case, run on first use."""
+    runs = {}
+
+    def get(P):
+        if P not in runs:
+            directory = tmp_path_factory.mktemp(f"layouts_p{P}")
+            cases = []
+            for name, d in layout_inputs.items():
+                options = {key: value for key, value in d["options"].items() if key != "segment_ids"}
+                cases.append(dict(name=name, layout=d["layout"], **options))
+                arrays = {x: d[x] for x in ("q", "k", "v", "dout")}
+                if "segment_ids" in d["options"]:
+                    arrays["segment_ids"] = d["options"]["segment_ids"]
+                np.savez(directory / f"{name}.npz", **arrays)
+            (directory / "cases.json").write_text(json.dumps(cases))
+            job = mpirun(P, script("ring_check.py"), directory)
+            assert job.returncode == 0, job.describe()
+            runs[P] = {name: [dict(np.load(directory / f"{name}.rank{r}.npz")) for r in range(P)]
+                       for name in layout_inputs}
+        return runs[P]
+
+    return get
+
+
+def _unshard(d, shards, P):
+    layout = refimpl.layouts.layout_for(d["layout"], d["q"].shape[1], P)
+    return {key: layout.unshard([s[key] for s in shards], axis=2 if key == "lse" else 1)
+            for key in ("out", "lse", "dq", "dk", "dv")}
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", LAYOUT_RANKS)
+@pytest.mark.parametrize("name", [c[0] for c in LAYOUT_CASES])
+def test_layouts_and_masks_under_mpi_match_the_oracle_and_the_simulation(P, name, layout_inputs, layout_runs):
+    """Each rank's shard in its layout's order, forward and backward: the oracle to 1e-12, and
+    ``simulate_ring`` bit for bit."""
+    d = layout_inputs[name]
+    got = _unshard(d, layout_runs(P)[name], P)
+    masking = {key: value for key, value in d["options"].items() if key not in ("block_q", "block_k")}
+    ref = dict(zip(("out", "lse"), refimpl.naive_attention(d["q"], d["k"], d["v"], **masking)))
+    ref.update(zip(("dq", "dk", "dv"), refimpl.naive_attention_backward(d["q"], d["k"], d["v"], d["dout"], **masking)))
+    sim = refimpl.simulate_ring(d["q"], d["k"], d["v"], ranks=P, dout=d["dout"], layout=d["layout"], **d["options"])
+    for key in ref:
+        assert_fp64_close(got[key], ref[key], f"{name} P={P} {key}")
+        assert np.array_equal(got[key], getattr(sim, key)), f"{name} P={P}: {key} differs from simulate_ring"
+
+
+@needs_mpi
+@pytest.mark.parametrize("P", LAYOUT_RANKS)
+def test_layouts_and_masks_under_mpi_send_what_the_schedule_says(P, layout_inputs, layout_runs):
+    """Bytes per rank are those of a ring of ``ring_steps`` steps: fewer when a window or the documents leave
+    the last steps nothing to see."""
+    from refimpl import masks, schedule
+    for name, shards in layout_runs(P).items():
+        d = layout_inputs[name]
+        B, N, Hkv, D = d["k"].shape
+        o = d["options"]
+        layout = refimpl.layouts.layout_for(d["layout"], N, P)
+        mask = masks.mask_for(o["causal"], o.get("window"), o.get("segment_ids"), o.get("cu_seqlens"), B=B, N=N)
+        steps = schedule.ring_steps(layout, mask)
+        expected = (schedule.ring_bytes(layout, steps, B, Hkv, D, 8)
+                    + schedule.ring_bytes(layout, steps, B, Hkv, D, 8, 8))
+        for r, s in enumerate(shards):
+            assert int(s["bytes_sent"]) == int(s["trace_bytes"].sum()) == expected[r], (name, r)
+
+
+@needs_mpi
+def test_cli_layout_and_window_under_mpiexec_match_simulation(tmp_path):
+    """``mpiexec -n 3 ... run --layout zigzag --window 6 -1 --cu-seqlens ...``: checked, bitwise equal to --ranks 3."""
+    args = [*CLI_ARGS, "--layout", "zigzag", "--window", "6", "-1", "--cu-seqlens", "0,10,37", "--ranks", "3"]
+    job = mpirun(3, "-m", "refimpl", *args, "--output", tmp_path / "mpi")
+    assert job.returncode == 0, job.describe()
+    summary = json.loads(job.stdout)
+    assert summary["transport"] == "mpi" and summary["layout"] == "zigzag" and summary["check"]["passed"]
+    sim = subprocess.run([sys.executable, "-m", "refimpl", *args, "--output", str(tmp_path / "sim")],
+                         capture_output=True, text=True, timeout=120)
+    assert sim.returncode == 0, sim.stderr
+    for name in ("out", "lse", "dq", "dk", "dv"):
+        for r in range(3):
+            a, b = (np.load(tmp_path / kind / f"{name}.{r}.npy") for kind in ("mpi", "sim"))
+            assert a.dtype == b.dtype and np.array_equal(a, b), f"{name} of rank {r}: MPI != simulation"
+
+
+@needs_mpi
+def test_progress_counts_every_ranks_tiles():
+    """--progress under mpiexec: rank 0 draws the whole job's tiles, which every rank reports to it, and the
+    bar ends at 100% (it used to count only rank 0's tiles). The run must last 2 s for the bar to appear."""
+    job = mpirun(3, "run", "--seq", "8192", "--backward", "--layout", "contiguous", "--progress", "--json",
+                 mpi4py=False, entry=BIN_RINGATTN, timeout=120)
+    assert job.returncode == 0, job.describe()
+    frames = [f for f in job.stderr.replace("\r", "\n").splitlines() if f.startswith("[")]
+    assert frames and frames[-1].split("]")[1].strip().startswith("100.0%"), job.stderr[-500:]

@@ -19,7 +19,10 @@ from conftest import (assert_2x_rule, assert_fp64_close, make_dout, make_qkv, pl
                       plain_attention_backward, plain_naive_fp32)
 from refimpl import (blockwise_attention, blockwise_attention_backward, naive_attention,
                      naive_attention_backward, simulate_ring)
+from refimpl.comm.sim import SimWorld
 from refimpl.engine import NumpyEngine
+from refimpl.ring import ring_attention, ring_attention_backward
+from refimpl.schedule import BACKWARD_DKV, BACKWARD_KV, FORWARD_KV, tag
 from test_blockwise import assert_fp16_rule, near_float32_limit
 
 NAMES = ("out", "lse", "dq", "dk", "dv")
@@ -346,3 +349,30 @@ def test_progress_counts_every_computed_tile(rng):
     total = sum(rec.tiles for rec in result.trace)
     assert seen == list(range(1, total + 1))
     assert_fp64_close(result.out, naive_attention(q, k, v, causal=True)[0], "out")
+
+
+def test_a_ring_that_stops_early_returns_each_accumulator_to_its_owner(rng):
+    """A window that leaves every rank nothing to see after step 1 (T = 2 of P = 4): one K/V hop per call, and
+    the backward's last dK/dV message goes from rank r straight to the owner of the shard it holds, r - 1,
+    instead of around the rest of the ring (specs/schedule.md section 5)."""
+    q, k, v = make_qkv(rng, 1, 40, 2, 2, 3)
+    dout = make_dout(rng, q)
+    options = dict(causal=True, window=(4, -1), layout="contiguous", block_q=4, block_k=4)
+    sends = []
+
+    def rank(comm):
+        isend = comm.isend
+        comm.isend = lambda buf, dest, t: (sends.append((comm.rank, dest, t)), isend(buf, dest, t))[1]
+        shard = [x[:, 10 * comm.rank:10 * comm.rank + 10] for x in (q, k, v, dout)]
+        forward = ring_attention(*shard[:3], comm, **options)
+        backward = ring_attention_backward(*shard[:3], forward.out, forward.lse, shard[3], comm, **options)
+        return forward.out, backward.dk
+    results = SimWorld(4, timeout=60).run(rank)
+    assert sorted(sends) == sorted([(r, (r + 1) % 4, tag(FORWARD_KV, 0)) for r in range(4)]
+                                   + [(r, (r + 1) % 4, tag(BACKWARD_KV, 0)) for r in range(4)]
+                                   + [(r, (r + 1) % 4, tag(BACKWARD_DKV, 0)) for r in range(4)]
+                                   + [(r, (r - 1) % 4, tag(BACKWARD_DKV, 1)) for r in range(4)])
+    out = np.concatenate([o for o, _ in results], axis=1)
+    dk = np.concatenate([g for _, g in results], axis=1)
+    assert_fp64_close(out, naive_attention(q, k, v, causal=True, window=(4, -1))[0], "out")
+    assert_fp64_close(dk, naive_attention_backward(q, k, v, dout, causal=True, window=(4, -1))[1], "dk")

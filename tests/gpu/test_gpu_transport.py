@@ -145,7 +145,7 @@ def test_staged_ring_under_mpiexec_is_bitwise_the_simulation(tmp_path, rng, P):
     report = json.loads((tmp_path / "decision.json").read_text())
     assert report["path"] == "staged", report
     assert "MPIX_Query_cuda_support" in report["reason"] or "mpi_memory_alloc_kinds" in report["reason"]
-    layout = refimpl.simulate.Contiguous(45, P)
+    layout = refimpl.layouts.Contiguous(45, P)
     for name in ("out", "lse", "dq", "dk", "dv"):
         got = layout.unshard([np.load(tmp_path / f"rank{r}.npz")[name] for r in range(P)], axis=2 if name == "lse" else 1)
         assert np.array_equal(got, getattr(ref, name)), name

@@ -13,14 +13,19 @@ naive         ``naive_attention`` (the float64 oracle: it computes in float64, w
               memory available, it is timed one head at a time (H calls with the same N, summed) and
               labelled "per head"; the work is identical, only the peak memory differs.
 
-GEMM floor. In the same run, the sgemm rate is measured on exactly the matmuls the tile loop issues,
-with ``np.matmul(..., out=...)`` and the block sizes of ``refimpl.blockwise`` (BLOCK_Q x BLOCK_K)::
+GEMM floor. In the same run, the sgemm rate is measured on the products the tile loop issues, one
+head at a time with ``np.matmul(..., out=...)`` at the block sizes of ``refimpl.blockwise`` (BLOCK_Q x
+BLOCK_K; ``common.tile_gemm_seconds``)::
 
-    s = q_tile (B, Hkv, G, bq, D) @ k_tile^T (B, Hkv, 1, D, bk)     k_tile a view of the (B, N, Hkv, D) array
-    o = s      (B, Hkv, G, bq, bk) @ v_tile  (B, Hkv, 1, bk, D)
+    s = q (bq, D) @ k^T (D, bk)     k a view of the (bk, H, D) rows of the shard
+    o = p (bq, bk) @ v (bk, D)
 
-    rate  = flops(both) / (median time(QK^T) + median time(PV))
+    rate  = flops(both) / (median time(q k^T) + median time(p v))
     floor = 4 * N^2 * D * H / rate
+
+SDPA. When torch is installed, torch's CPU ``scaled_dot_product_attention`` (one intra-op thread, under
+``no_grad``) is timed in every repeat too, and blockwise / SDPA is printed; without torch a note says the
+column is skipped. ``backward.py`` holds the kernel targets against SDPA, causal and not.
 
 The machine is shared and its load drifts, so the rate is measured again just before every repeat, each
 timed run is divided by the floor measured next to it, and the ratios reported are the medians of
@@ -31,8 +36,9 @@ Targets (``--check`` exits with status 1 if one is missed):
     blockwise and ring P=1 never slower than naive, for N >= 4096
 
 ``--profile`` adds, at the largest N, where the time of ``blockwise_attention`` goes: a cProfile listing,
-then a line timing of the tile (matmuls, softmax ops, merge, copies, and the rest = Python overhead),
-and a sweep of block sizes. ``--quick`` is a smoke run (< 30 s).
+then a line timing of the real functions (``common.LineTimer`` on ``attend_shard``, ``attend_tile``,
+``_scores`` and ``merge``: NumPy's calls are timed in the line that makes them), and a sweep of block
+sizes. ``--quick`` is a smoke run (< 30 s).
 
 BLAS is pinned to one thread (OMP_NUM_THREADS / OPENBLAS_NUM_THREADS = 1 before numpy is imported, and
 threadpoolctl around the timed code).
@@ -56,10 +62,8 @@ common.pin_blas_env(1)
 import numpy as np  # noqa: E402
 
 import refimpl  # noqa: E402
-from refimpl import blockwise_attention, naive_attention, simulate_ring  # noqa: E402
-from refimpl import tile as tile_mod  # noqa: E402
+from refimpl import blockwise, blockwise_attention, naive_attention, simulate_ring, tile  # noqa: E402
 from refimpl.blockwise import BLOCK_K, BLOCK_Q  # noqa: E402
-from refimpl.masks import PARTIAL  # noqa: E402
 
 GiB = 1 << 30
 TARGET_FLOOR = 1.35
@@ -80,29 +84,11 @@ def make_qkv(B, N, H, D, seed=0):
 # GEMM floor
 
 
-def gemm_rate(B=1, H=8, D=64, block_q=BLOCK_Q, block_k=BLOCK_K, calls=40, seed=1):
-    """sgemm rate (flop/s) on the tile loop's two matmuls, with its layouts. Returns (rate, detail dict)."""
-    rng = np.random.default_rng(seed)
-    Hkv, G = H, 1
-    kv = rng.standard_normal((B, block_k, Hkv, D), dtype=np.float32)
-    k = kv.transpose(0, 2, 1, 3)[:, :, None]                       # (B, Hkv, 1, bk, D), as tile.kv_tile
-    q = rng.standard_normal((B, Hkv, G, block_q, D), dtype=np.float32)
-    s = np.empty((B, Hkv, G, block_q, block_k), np.float32)
-    o = np.empty((B, Hkv, G, block_q, D), np.float32)
-    s[...] = rng.random(s.shape, dtype=np.float32)
-    kT = k.swapaxes(-1, -2)
-
-    def qk():
-        np.matmul(q, kT, out=s)
-
-    def pv():
-        np.matmul(s, k, out=o)
-
-    flops_each = 2.0 * B * H * block_q * block_k * D
-    t_qk = common.time_it(qk, calls, warmup=3).median
-    t_pv = common.time_it(pv, calls, warmup=3).median
-    rate = 2 * flops_each / (t_qk + t_pv)
-    return rate, dict(qk=flops_each / t_qk, pv=flops_each / t_pv)
+def gemm_rate(D=64, block_q=BLOCK_Q, block_k=BLOCK_K, calls=40):
+    """sgemm rate (flop/s) on the tile loop's two products, one head's tile. Returns (rate, {product: rate})."""
+    seconds = common.tile_gemm_seconds(block_q, block_k, D, calls=calls)
+    flops_each = 2.0 * block_q * block_k * D
+    return flops_each * len(seconds) / sum(seconds.values()), {p: flops_each / t for p, t in seconds.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -122,86 +108,7 @@ def run_naive(q, k, v, per_head):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# profile: line timing of the tile by runtime substitution (refimpl's files are not touched)
-
-
-class TileTimer:
-    """Timed mirrors of tile.attend_tile, tile.merge and tile.q_tile, installed on the refimpl.tile module.
-
-    The mirrors execute the same NumPy calls in the same order as refimpl/tile.py (checked by comparing the
-    output bitwise with an untimed run). If refimpl/tile.py changes, the check reports the mismatch.
-    """
-
-    CATEGORIES = {
-        "matmul QK^T": "matmul", "matmul PV": "matmul",
-        "mask (partial tiles)": "softmax", "max": "softmax", "subtract max": "softmax", "exp": "softmax",
-        "sum": "softmax", "lse = m + log l": "softmax", "o /= l": "softmax",
-        "merge": "merge", "q_tile copy*scale": "copies", "kv_tile view/cast": "copies",
-    }
-
-    def __init__(self):
-        self.t = dict.fromkeys(self.CATEGORIES, 0.0)
-        self.calls = 0
-        self._saved = None
-
-    def attend_tile(self, q, k, v, q_pos, k_pos, mask, kind, ws):
-        pc, t = time.perf_counter, self.t
-        self.calls += 1
-        a = pc()
-        B, Hkv, G, bq, _ = q.shape
-        s = ws.get("s", (B, Hkv, G, bq, k.shape[3]))
-        np.matmul(q, k.swapaxes(-1, -2), out=s)
-        b = pc(); t["matmul QK^T"] += b - a
-        if kind == PARTIAL:
-            np.copyto(s, -np.inf, where=~mask.visible(q_pos, k_pos))
-        a = pc(); t["mask (partial tiles)"] += a - b
-        m = s.max(axis=-1)
-        if kind == PARTIAL:
-            m[np.isneginf(m)] = 0.0
-        b = pc(); t["max"] += b - a
-        np.subtract(s, m[..., None], out=s)
-        a = pc(); t["subtract max"] += a - b
-        np.exp(s, out=s)
-        b = pc(); t["exp"] += b - a
-        l = s.sum(axis=-1)
-        a = pc(); t["sum"] += a - b
-        o = np.matmul(s, v)
-        b = pc(); t["matmul PV"] += b - a
-        with np.errstate(divide="ignore"):
-            lse = m + np.log(l)
-        a = pc(); t["lse = m + log l"] += a - b
-        np.divide(o, l[..., None], out=o, where=l[..., None] > 0)
-        t["o /= l"] += pc() - a
-        return o, lse
-
-    def merge(self, o_acc, lse_acc, o, lse):
-        a = time.perf_counter()
-        r = self._saved["merge"](o_acc, lse_acc, o, lse)
-        self.t["merge"] += time.perf_counter() - a
-        return r
-
-    def q_tile(self, *args, **kw):
-        a = time.perf_counter()
-        r = self._saved["q_tile"](*args, **kw)
-        self.t["q_tile copy*scale"] += time.perf_counter() - a
-        return r
-
-    def kv_tile(self, *args, **kw):
-        a = time.perf_counter()
-        r = self._saved["kv_tile"](*args, **kw)
-        self.t["kv_tile view/cast"] += time.perf_counter() - a
-        return r
-
-    def __enter__(self):
-        names = ("attend_tile", "merge", "q_tile", "kv_tile")
-        self._saved = {n: getattr(tile_mod, n) for n in names}
-        for n in names:
-            setattr(tile_mod, n, getattr(self, n))
-        return self
-
-    def __exit__(self, *exc):
-        for n, f in self._saved.items():
-            setattr(tile_mod, n, f)
+# profile
 
 
 def profile(N, H, D, repeats):
@@ -224,36 +131,15 @@ def profile(N, H, D, repeats):
     print()
 
     plain = common.time_it(lambda: blockwise_attention(q, k, v), repeats)
-    timers = []
-
-    def timed():
-        with TileTimer() as tt:
-            out, _ = blockwise_attention(q, k, v)
-        timers.append((tt, out))
-
-    timed_t = common.time_it(timed, repeats)
-    idx = int(np.argsort(timed_t.wall)[len(timed_t.wall) // 2])
-    tt, out = timers[idx]
-    total = timed_t.wall[idx]
-    same = np.array_equal(out, ref)
-    print(f"line timing (median run of {repeats}; untimed median {common.fmt_s(plain.median)}, timed "
-          f"{common.fmt_s(timed_t.median)}; {tt.calls} tiles; mirror output "
-          f"{'bitwise equal to refimpl' if same else 'DIFFERS from refimpl: refimpl/tile.py changed, the breakdown is stale'}):")
-    rows, groups = [], {}
-    for name, sec in tt.t.items():
-        groups[tt.CATEGORIES[name]] = groups.get(tt.CATEGORIES[name], 0.0) + sec
-        rows.append([name, tt.CATEGORIES[name], common.fmt_s(sec), f"{100 * sec / total:.1f}%",
-                     f"{1e3 * sec / max(tt.calls, 1):.3f}"])
-    other = total - sum(tt.t.values())
-    rows.append(["rest (Python loop, plan, views, accumulator init, astype)", "python", common.fmt_s(other),
-                 f"{100 * other / total:.1f}%", f"{1e3 * other / max(tt.calls, 1):.3f}"])
-    groups["python"] = other
-    print(common.table(["op", "group", "time", "share", "ms/tile"], rows, align="llrrr"))
-    print("by group: " + ", ".join(f"{g} {100 * s / total:.1f}%" for g, s in groups.items()))
-    rate, _ = gemm_rate(B, H, D)
-    print(f"matmul time at the isolated sgemm rate would be {common.fmt_s(flops / rate)}; in the loop it took "
-          f"{common.fmt_s(groups['matmul'])} ({flops / groups['matmul'] / 1e9:.1f} GFLOP/s vs "
-          f"{rate / 1e9:.1f} isolated)")
+    with common.LineTimer(blockwise.attend_shard, tile.attend_tile, tile._scores, tile.merge) as lt:
+        traced = common.time_it(lambda: blockwise_attention(q, k, v), 1)
+    print(f"line timing of the real functions (CPU seconds of one run: untraced median "
+          f"{common.fmt_s(plain.cpu_median)}, traced {common.fmt_s(traced.cpu[0])}; a line that calls a timed "
+          "function includes its time):")
+    print(lt.report(traced.cpu[0]))
+    rate, _ = gemm_rate(D)
+    print(f"at the isolated sgemm rate ({rate / 1e9:.1f} GFLOP/s) the two products would take "
+          f"{common.fmt_s(flops / rate)} in all")
     print()
 
     print("block size sweep (blockwise_attention's block_q/block_k keywords; refimpl default "
@@ -308,8 +194,13 @@ def main(argv=None):
 
     print(f"ringattn forward speed: B={B}, H={H}, D={D}, fp32, non-causal, block_q={BLOCK_Q}, block_k={BLOCK_K}, "
           f"median of {repeats}")
+    torch = common.Sdpa.load()
     with common.blas_one_thread():
-        print(f"BLAS: {common.blas_info()}; numpy {np.__version__}; refimpl from {Path(refimpl.__file__).parent}")
+        print(f"BLAS: {common.blas_info()}; numpy {np.__version__}" + (f"; torch {torch.__version__}" if torch else "")
+              + f"; refimpl from {Path(refimpl.__file__).parent}")
+        note = common.blas_kernel_note()
+        if note:
+            print(note)
         print(f"machine: {common.load_line()} at start")
         results = []
         for N in sizes:
@@ -318,14 +209,17 @@ def main(argv=None):
             cases = {"blockwise": lambda: blockwise_attention(q, k, v),
                      "ring1": lambda: simulate_ring(q, k, v, ranks=1),
                      "ring4": lambda: simulate_ring(q, k, v, ranks=4)}
-            r = dict(N=N, rates=[], qk=[], pv=[], **{name: common.Timing() for name in cases})
-            r["ratio"] = {name: [] for name in ("blockwise", "ring1", "ring4", "ring4_cpu")}
+            if torch:
+                cases["sdpa"] = common.Sdpa(torch, q, k, v).forward
+            r = dict(N=N, rates=[], qk=[], pv=[], vs_sdpa=[], vs_sdpa_wall=[],
+                     **{name: common.Timing() for name in cases})
+            r["ratio"] = {name: [] for name in (*cases, "ring4_cpu")}
             cases["blockwise"]()                                  # warm-up
             for _ in range(repeats):                              # each repeat: fresh floor, then every case
-                rate, detail = gemm_rate(B, H, D, calls=12)
+                rate, detail = gemm_rate(D, calls=12)
                 r["rates"].append(rate)
-                r["qk"].append(detail["qk"])
-                r["pv"].append(detail["pv"])
+                r["qk"].append(detail["q k^T"])
+                r["pv"].append(detail["p v"])
                 for name, fn in cases.items():
                     t = common.time_it(fn, 1)
                     r[name].wall += t.wall
@@ -333,6 +227,9 @@ def main(argv=None):
                     r["ratio"][name].append(t.wall[0] * rate / fl)
                     if name == "ring4":
                         r["ratio"]["ring4_cpu"].append(t.cpu[0] * rate / fl)
+                if torch:                                         # blockwise / SDPA within this repeat
+                    r["vs_sdpa"].append(r["blockwise"].cpu[-1] / r["sdpa"].cpu[-1])
+                    r["vs_sdpa_wall"].append(r["blockwise"].wall[-1] / r["sdpa"].wall[-1])
             r["rate"] = statistics.median(r["rates"])
             r["floor"] = fl / r["rate"]
             out_b, _ = blockwise_attention(q, k, v)
@@ -362,6 +259,8 @@ def main(argv=None):
                             [("blockwise", "blockwise"), ("ring1", "ring P=1"), ("ring4", "ring P=4")])
             if r["naive"] is not None:
                 msg += f", naive {common.fmt_s(r['naive'].median)}"
+            if torch:
+                msg += f", SDPA {common.fmt_s(r['sdpa'].median)}"
             print(f"  N={N}: {msg}; sgemm {r['rate'] / 1e9:.1f} GFLOP/s (QK^T "
                   f"{statistics.median(r['qk']) / 1e9:.1f}, PV {statistics.median(r['pv']) / 1e9:.1f}; per repeat "
                   f"{', '.join(f'{x / 1e9:.1f}' for x in r['rates'])})", flush=True)
@@ -380,10 +279,11 @@ def main(argv=None):
 
             rows.append([N, f"{common.fmt_s(r['floor'])} ({r['rate'] / 1e9:.1f})", cell(r["blockwise"].median),
                          cell(r["ring1"].median), cell(r["ring4"].median), common.fmt_s(r["ring4"].cpu_median),
-                         cell(r["naive"].median) if r["naive"] else "-"])
+                         cell(r["naive"].median) if r["naive"] else "-",
+                         cell(r["sdpa"].median) if torch else "-"])
         print("median wall time (achieved GFLOP/s); GFLOP counts 4*N^2*D*H, the non-causal forward's matmuls")
         print(common.table(["N", "GEMM floor", "blockwise", "ring P=1", "ring P=4 (wall)", "ring P=4 (cpu)",
-                            "naive fp64"], rows))
+                            "naive fp64", "torch SDPA"], rows))
         print()
         rows = []
         for r in results:
@@ -392,13 +292,17 @@ def main(argv=None):
             nb = r["naive"].median / r["blockwise"].median if r["naive"] else None
             rows.append([r["N"], f"{med['blockwise']:.3f}", f"{med['ring1']:.3f}", f"{med['ring4']:.3f}",
                          f"{med['ring4_cpu']:.3f}", "-" if nb is None else f"{nb:.2f}",
-                         f"{r['ring4'].cpu_median / r['ring4'].median:.2f}"])
+                         f"{r['ring4'].cpu_median / r['ring4'].median:.2f}",
+                         f"{statistics.median(r['vs_sdpa']):.3f} ({statistics.median(r['vs_sdpa_wall']):.3f})"
+                         if torch else "-"])
         print("ratios to the GEMM floor: each timed run is divided by the floor measured just before it, and the "
               "median of those ratios is shown (robust to load that drifts during the run).")
         print(f"P=4 runs 4 rank threads on {os.cpu_count()} cores: use its cpu/floor; 'cores used' = its cpu/wall, "
               "below the core count when other work shares the machine.")
+        print("blockwise/SDPA: CPU time (wall time), the median of the per-repeat ratios (backward.py has the "
+              "kernel targets, causal and not)")
         print(common.table(["N", "blockwise/floor", "ring P=1/floor", "ring P=4 wall/floor", "ring P=4 cpu/floor",
-                            "naive/blockwise", "P=4 cores used"], rows))
+                            "naive/blockwise", "P=4 cores used", "blockwise/SDPA"], rows))
         print()
         for r in results:
             lo, hi = r["blockwise"].spread

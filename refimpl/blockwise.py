@@ -3,7 +3,8 @@
 ``attend_shard`` and ``attend_shard_backward`` visit the tiles that ``schedule.plan_tiles`` keeps and fold
 them into running accumulators. The ring calls them once per step, with the K/V shard it holds at that
 step; ``blockwise_attention`` is the same loop called once, with the whole sequence as a single shard.
-Memory beyond the inputs and accumulators is one tile of scores (two in the backward).
+Memory beyond the inputs and accumulators is one head's tile of scores (two in the backward) and
+working-form copies of one row block (q and o; q, dout and dq in the backward).
 
 Accumulators, in the accumulation dtype (float32 for float16/float32 inputs, float64 for float64)::
 
@@ -29,18 +30,22 @@ def attend_shard(o_acc, lse_acc, q, k, v, q_pos, k_pos, mask, scale, block_q, bl
     """Fold attention of q (B, nq, Hq, D) over k, v (B, nk, Hkv, D) into (o_acc, lse_acc).
 
     q_pos (nq,) and k_pos (nk,) are the rows' global positions. Returns the ``StepPlan`` it ran.
+    A row block's running (o, lse) is folded in a contiguous working-form copy, written back once the
+    block's tiles are done (each merge then streams through contiguous memory).
     """
     Hkv, acc = k.shape[2], o_acc.dtype
     plan = plan_tiles(q_pos, k_pos, mask, block_q, block_k)
     for qs, cols in plan.rows:
         qt = tile.q_tile(q[:, qs], Hkv, acc)
-        o_run, lse_run = tile.grouped(o_acc[:, qs], Hkv), tile.grouped_rows(lse_acc[:, :, qs], Hkv)
+        o_run, lse_run = tile.q_tile(o_acc[:, qs], Hkv, acc), tile.grouped_rows(lse_acc[:, :, qs], Hkv).copy()
         for ks, kind in cols:
             o, lse = tile.attend_tile(qt, tile.kv_tile(k[:, ks], acc), tile.kv_tile(v[:, ks], acc),
                                       q_pos[qs], k_pos[ks], mask, kind, scale, ws)
             tile.merge(o_run, lse_run, o, lse)
             if on_tile is not None:
                 on_tile()
+        tile.grouped(o_acc[:, qs], Hkv)[...] = o_run
+        tile.grouped_rows(lse_acc[:, :, qs], Hkv)[...] = lse_run
     return plan
 
 

@@ -26,8 +26,8 @@ k or v: query head h = g + G * c reads kv head c, where G = Hq / Hkv::
     o               (B, Hkv, G, bq, D)
     lse             (B, Hkv, G, bq)      float64 in the forward, whatever the inputs (see ``merge``)
 
-The forward keeps one head's (bq, bk) block of scores alive; the backward one (B, Hkv, G, bq, bk) block
-per buffer (p and ds). They live in a reused ``Workspace``.
+Both passes visit the heads one at a time and keep one head's (bq, bk) block of scores alive (the
+backward two: p and ds), in a reused ``Workspace``.
 
 Scores are ``s = (q k^T) * scale``: the scale multiplies each product, as in the textbook formula. Scaling
 q first would round every element of ``scale * q``, an error shared by all the scores of a row, which does
@@ -95,9 +95,13 @@ def kv_tile(x, dtype):
     return x.transpose(0, 2, 1, 3)[:, :, None].astype(dtype, copy=False)
 
 
-def _hidden(q_pos, k_pos, mask, kind):
-    """(bq, bk) bool, True where the mask hides a key; None on a full tile (nothing to hide)."""
-    return ~mask.visible(q_pos, k_pos) if kind == PARTIAL else None
+def _hidden(q_pos, k_pos, mask, kind, B):
+    """(B, 1, 1, bq, bk) bool, True where the mask hides a key (a broadcast view of one (bq, bk) mask unless
+    the mask differs by batch: documents per batch); None on a full tile (nothing to hide)."""
+    if kind != PARTIAL:
+        return None
+    hidden = ~mask.visible(q_pos, k_pos)                 # (bq, bk), or (B, bq, bk)
+    return np.broadcast_to(hidden.reshape((-1, 1, 1) + hidden.shape[-2:]), (B, 1, 1) + hidden.shape[-2:])
 
 
 def _scores(q, k, scale, hidden, out):
@@ -125,29 +129,29 @@ def attend_tile(q, k, v, q_pos, k_pos, mask, kind, scale, ws):
     B, Hkv, G, bq, D = q.shape
     s = ws.get("s", (bq, k.shape[3]))
     ones = np.ones(k.shape[3], s.dtype)
-    hidden = _hidden(q_pos, k_pos, mask, kind)
-    sees_a_key = None if hidden is None else ~hidden.all(axis=1)
+    hidden = _hidden(q_pos, k_pos, mask, kind, B)
+    sees_a_key = None if hidden is None else ~hidden.all(axis=-1)
     o = np.empty(q.shape[:4] + (v.shape[4],), s.dtype)
     m, l = np.empty(q.shape[:4], s.dtype), np.empty(q.shape[:4], s.dtype)
-    for b, c, g in np.ndindex(B, Hkv, G):
-        with np.errstate(over="ignore", invalid="ignore"):      # an overflow is caught below, per row
-            _scores(q[b, c, g], k[b, c, 0], scale, hidden, s)
-        row_max = np.max(s, axis=1, out=m[b, c, g])
-        finite = np.isfinite(row_max)
-        if not finite.all():
-            overflowed = ~finite if sees_a_key is None else ~finite & sees_a_key
-            if overflowed.any():
-                i = int(np.argmax(overflowed))
-                raise score_overflow(s.dtype, f"batch {b}, query head {c * G + g}, query position {q_pos[i]}: "
-                                              f"row max {row_max[i]}")
-            row_max[~finite] = 0.0                         # a row hidden from the whole tile: exp(-inf - 0) = 0
-        np.subtract(s, row_max[:, None], out=s)
-        np.exp(s, out=s)                                 # s now holds p * l, unnormalised probabilities
-        np.matmul(s, ones, out=l[b, c, g])
-        np.matmul(s, v[b, c, 0], out=o[b, c, g])
+    with np.errstate(over="ignore", invalid="ignore"):          # an overflow is caught below, per row
+        for b, c, g in np.ndindex(B, Hkv, G):
+            _scores(q[b, c, g], k[b, c, 0], scale, None if hidden is None else hidden[b, 0, 0], s)
+            row_max = np.max(s, axis=1, out=m[b, c, g])
+            finite = np.isfinite(row_max)
+            if not finite.all():
+                overflowed = ~finite if sees_a_key is None else ~finite & sees_a_key[b, 0, 0]
+                if overflowed.any():
+                    i = int(np.argmax(overflowed))
+                    raise score_overflow(s.dtype, f"batch {b}, query head {c * G + g}, query position "
+                                                  f"{q_pos[i]}: row max {row_max[i]}")
+                row_max[~finite] = 0.0                     # a row hidden from the whole tile: exp(-inf - 0) = 0
+            np.subtract(s, row_max[:, None], out=s)
+            np.exp(s, out=s)                             # s now holds p * l, unnormalised probabilities
+            np.matmul(s, ones, out=l[b, c, g])
+            np.matmul(s, v[b, c, 0], out=o[b, c, g])
     with np.errstate(divide="ignore"):
         lse = m.astype(np.float64) + np.log(l.astype(np.float64))      # l = 0 -> lse = -inf
-    np.divide(o, l[..., None], out=o, where=l[..., None] > 0)
+    np.divide(o, np.where(l > 0, l, 1)[..., None], out=o)              # l = 0: o is 0 already
     return o, lse
 
 
@@ -177,19 +181,29 @@ def attend_tile_backward(q, k, v, dout, lse, delta, q_pos, k_pos, mask, kind, sc
 
         s  = (q k^T) * scale    p  = exp(s - lse)       dv = p^T dout       dp = dout v^T
         ds = p * (dp - delta)   dq = ds k               dk = (ds^T q) * scale
+
+    As in ``attend_tile``, the heads are visited one at a time, so that a head's p and ds, (bq, bk)
+    each, stay in cache through the passes over them.
     """
     B, Hkv, G, bq, D = q.shape
     bk = k.shape[3]
-    p = _scores(q, k, scale, _hidden(q_pos, k_pos, mask, kind), ws.get("p", (B, Hkv, G, bq, bk)))
-    np.subtract(p, lse[..., None], out=p)
-    np.exp(p, out=p)
-    p_rows = p.reshape(B, Hkv, G * bq, bk)              # the G heads of one kv head stacked as rows
-    dv = np.matmul(p_rows.swapaxes(-1, -2), dout.reshape(B, Hkv, G * bq, D))
-    ds = ws.get("ds", p.shape)
-    np.matmul(dout, v.swapaxes(-1, -2), out=ds)
-    np.subtract(ds, delta[..., None], out=ds)
-    np.multiply(ds, p, out=ds)
-    dq = np.matmul(ds, k)
-    dk = np.matmul(ds.reshape(B, Hkv, G * bq, bk).swapaxes(-1, -2), q.reshape(B, Hkv, G * bq, D))
+    hidden = _hidden(q_pos, k_pos, mask, kind, B)
+    p, ds = ws.get("p", (bq, bk)), ws.get("ds", (bq, bk))
+    dq = np.empty(q.shape, p.dtype)
+    dk, dv = np.empty((B, Hkv, bk, D), p.dtype), np.empty((B, Hkv, bk, D), p.dtype)
+    for b, c, g in np.ndindex(B, Hkv, G):
+        _scores(q[b, c, g], k[b, c, 0], scale, None if hidden is None else hidden[b, 0, 0], p)
+        np.subtract(p, lse[b, c, g, :, None], out=p)
+        np.exp(p, out=p)
+        np.matmul(dout[b, c, g], v[b, c, 0].T, out=ds)
+        np.subtract(ds, delta[b, c, g, :, None], out=ds)
+        np.multiply(ds, p, out=ds)
+        np.matmul(ds, k[b, c, 0], out=dq[b, c, g])
+        if g == 0:                                       # dk, dv: the sum over the G heads of kv head c
+            np.matmul(p.T, dout[b, c, g], out=dv[b, c])
+            np.matmul(ds.T, q[b, c, g], out=dk[b, c])
+        else:
+            dv[b, c] += p.T @ dout[b, c, g]
+            dk[b, c] += ds.T @ q[b, c, g]
     np.multiply(dk, scale, out=dk)
     return dq, dk, dv

@@ -270,7 +270,7 @@ def test_workspace_never_holds_more_than_one_tile(rng, monkeypatch, causal):
     for name, got, ref in zip(NAMES, ours, oracle(q, k, v, dout, causal)):
         assert_fp64_close(got, ref, name)      # the recorded run is a correct run
 
-    one_tile = B * Hq * block_q * block_k
+    one_tile = block_q * block_k                # one head's tile: forward and backward visit the heads in turn
     assert {name for name, _ in requests} == {"s", "p", "ds"}
     for name, shape in requests:
         assert int(np.prod(shape)) <= one_tile, (name, shape)

@@ -66,9 +66,10 @@ def blas_info():
 def blas_kernel_note():
     """A note when OpenBLAS runs its AVX2 kernels on a CPU that has AVX-512, else None.
 
-    OpenBLAS picks its kernels from the CPU model when it loads; a model it does not know (here AMD family
-    26, Zen 5) falls back to the Haswell (AVX2) kernels. ``OPENBLAS_CORETYPE=SkylakeX`` in the environment
-    selects the AVX-512 ones (on the 2-core machine of ``bench/README.md``: sgemm 120 -> 210 GFLOP/s).
+    OpenBLAS picks its kernels from the CPU model when it loads; a model it does not recognise (AMD family
+    0x1A, Zen 5, before OpenBLAS pull request #6033) gets the Haswell (AVX2) kernels.
+    ``OPENBLAS_CORETYPE=SkylakeX`` in the environment selects the AVX-512 ones (on the 2-core machine of
+    ``bench/README.md``: sgemm 120 -> 210 GFLOP/s).
     """
     try:
         from threadpoolctl import threadpool_info
@@ -123,18 +124,6 @@ def load_line():
     except OSError:  # pragma: no cover
         load = "?"
     return f"{os.cpu_count()} CPUs, load average (1 min) {load}"
-
-
-def mem_available():
-    """Bytes of memory the kernel says are available now (Linux), or None if unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def fmt_bytes(n):
@@ -202,7 +191,7 @@ class Verdicts:
 # -- the GEMM floor of a pass ---------------------------------------------------------------------------
 
 def tile_gemm_seconds(block_q, block_k, D, backward=False, calls=20, H=8, seed=1):
-    """{product: median seconds} of one head's matrix products on one tile, as refimpl/tile.py issues them.
+    """{product: median CPU seconds} of one head's matrix products on one tile, as refimpl/tile.py issues them.
 
     Shapes: q, dout (block_q, D) contiguous; k, v (block_k, D) views of a (block_k, H, D) array (as the
     tiles read the (B, N, Hkv, D) shards); p, ds (block_q, block_k) contiguous. The forward's products are
@@ -222,7 +211,7 @@ def tile_gemm_seconds(block_q, block_k, D, backward=False, calls=20, H=8, seed=1
         products = {"q k^T": lambda: np.matmul(q, k.T, out=s), "dout v^T": lambda: np.matmul(dout, v.T, out=ds),
                     "p^T dout": lambda: np.matmul(p.T, dout, out=dv), "ds k": lambda: np.matmul(ds, k, out=dq),
                     "ds^T q": lambda: np.matmul(ds.T, q, out=dk)}
-    return {name: time_it(f, calls, warmup=2).median for name, f in products.items()}
+    return {name: time_it(f, calls, warmup=2).cpu_median for name, f in products.items()}
 
 
 def computed_pairs(N, causal, block_q, block_k):

@@ -382,7 +382,7 @@ def calibrate(problem, transport="simulated", repeats=3):
         f"cpu: this machine's {cores} cores ({available:.2g} of them for one process now), shared by {transport} "
         f"ranks of one BLAS thread", gemm, bandwidth, latency,
         efficiency=(min(1.0, forward / gemm), min(1.0, backward / gemm)), cores=cores, available=available,
-        transport=transport, memory=_mem_available(),
+        transport=transport, memory=mem_available(),
         source=f"measured: {'dgemm' if acc == np.float64 else 'sgemm'} ({bq}x{D})x({D}x{bk}) {gemm / 1e9:.1f} GFLOP/s, "
                f"blockwise forward {forward / 1e9:.1f} and backward {backward / 1e9:.1f} GFLOP/s per CPU second of "
                f"one thread; {cores} threads at once got {available:.2f} cores; in-process messages "
@@ -431,7 +431,8 @@ def _message_speed(SimWorld, repeats):
     return big / fastest(big), fastest(8)
 
 
-def _mem_available():
+def mem_available():
+    """Bytes of memory the kernel says are available now (Linux), or None if unknown."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:

@@ -38,6 +38,13 @@ def test_matching_minus_inf_counts_zero_and_a_mismatch_fails():
     assert not tolerance.judge("lse", np.array([[-np.inf, -np.inf]]), ref, input_dtype=np.float64).passed
 
 
+def test_only_minus_inf_matches():
+    """-inf is a row that sees no key; +inf is an overflow, an error against -inf and against +inf alike."""
+    for x, ref in (([0.5, np.inf], [0.5, -np.inf]), ([np.inf, -np.inf], [np.inf, -np.inf])):
+        v = tolerance.judge("lse", np.array([x]), np.array([ref]), input_dtype=np.float64)
+        assert not v.passed and v.error == math.inf
+
+
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="shape"):
         tolerance.judge("out", np.zeros(3), np.zeros(4), input_dtype=np.float64)
@@ -85,6 +92,19 @@ def test_vanishing_gradient_is_judged_against_its_terms():
     assert tolerance.judge("dq", noisy, zero, input_dtype=np.float32, plain=zero, scales=scales).passed
     assert not tolerance.judge("dq", noisy + 1e-3, zero, input_dtype=np.float32, plain=zero, scales=scales).passed
 
+
+
+def test_gradient_cancelled_to_rounding_is_judged_against_its_terms():
+    """Equal v rows: dq cancels, and the float64 oracle holds only its own rounding (about 1e-16 T, not 0).
+    S is then T, as for an exact 0; against S = max |ref| (1e-7 S, with the plain result exact here) a float32
+    run's 1e-8 would fail a bound below 1e-20."""
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((1, 4, 2, 8)).astype(np.float32) for _ in range(4))
+    scales = tolerance.Scales.of(q, k, v, dout, scale=8 ** -0.5)
+    rounding = np.full((1, 4, 2, 8), 1e-16 * scales.term("dq"))
+    assert tolerance.output_scale("dq", rounding, scales) == scales.term("dq")
+    v = tolerance.judge("dq", rounding + 1e-8, rounding, input_dtype=np.float32, plain=rounding, scales=scales)
+    assert v.passed and v.scale == scales.term("dq")
 
 def test_float64_bound_grows_with_the_logits():
     rng = np.random.default_rng(0)

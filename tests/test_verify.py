@@ -337,3 +337,22 @@ def test_diagnose_json_writes_non_finite_numbers_as_strings():
     assert "first non-finite: out[0, 2, 0, 1] = inf" in d.text()
     with pytest.raises(ValueError, match="block must be a positive number of rows"):
         diagnose.diagnose({}, {}, {}, Hq=1, Hkv=1, block=0)
+
+
+def test_strict_judges_by_the_2x_rule_alone():
+    default, strict = run_smoke(blockwise), run_smoke(blockwise, strict=True)
+    assert "the 2x rule alone (strict)" in strict.text()
+    for name, v in strict.results[0].verdicts.items():
+        d = default.results[0].verdicts[name]
+        assert v.allowance == 0 < d.allowance and v.bound == pytest.approx(d.bound - d.allowance, rel=1e-12)
+
+
+def test_diagnose_fails_the_rows_the_verdict_fails():
+    """pass = error <= bound, row by row as for the whole output: a row exactly at the bound passes."""
+    from dataclasses import replace
+    ref = np.zeros((1, 4, 1, 2))
+    x = ref.copy()
+    x[0, 1, 0, 0], x[0, 3, 0, 1] = 0.5, 1.0
+    v = replace(tolerance.judge("out", x, ref, input_dtype=np.float64), bound=0.5)
+    out = diagnose.diagnose({"out": x}, {"out": ref}, {"out": v}, Hq=1, Hkv=1, block=2).outputs[0]
+    assert out.failing_rows == [(3, 3)] and out.tile_map == [".X"]

@@ -319,8 +319,6 @@ def test_sampled_plain_rows_agree_with_the_plain_computation():
     assert tolerance.abs_error(lse, plain_lse[:, :, rows])[0] <= 1e-5 * np.abs(plain_lse).max()
 
 
-
-
 def test_overwrite_removes_the_old_manifest_first(tmp_path, monkeypatch):
     """A reader must never see a manifest next to a half-removed set: it goes before any array."""
     import os

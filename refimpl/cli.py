@@ -1,6 +1,6 @@
-"""``ringattn run``: the main job. Ring attention over simulated or MPI ranks, checked against the oracle.
+"""ringattn: ring attention over simulated or MPI ranks against a float64 oracle; vectors, a model, traces.
 
-Every rank runs ``run_rank``: it builds (or memory-maps) only its own shard, runs ``ring_attention`` (and
+``ringattn run`` is the main job. Every rank runs ``run_rank``: it builds (or memory-maps) only its own shard, runs ``ring_attention`` (and
 ``ring_attention_backward``), and joins the collective check and statistics. Simulated ranks are threads
 over the in-process communicator; under ``mpiexec``/``srun`` each process is one rank over mpi4py. It is the
 same function either way, so what the simulation shows is what the cluster runs.
